@@ -6,7 +6,6 @@ import gzip
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
     BloomConfig,
     BloomForCausalLM,
@@ -20,6 +19,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from training import tiny as training_tiny
 
 PARALLEL = {
     "de": [("The cat sleeps on the warm mat.", "Die Katze schläft auf der warmen Matte."),
@@ -50,17 +51,7 @@ def corpus_lines() -> list[str]:
 
 
 def train_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus_lines(), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return training_tiny.train_tokenizer(corpus_lines(), vocab_size=400)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,148 @@
+"""Selective finetuning freezes what it promises, bit for bit, under AdamW with weight decay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from landermt.partition import build_partition
+from landermt.prompts import translation_example
+from tests.conftest import PARALLEL, tiny_model
+from training.config import MethodConfig, TrainConfig
+from training.finetune import Batch, Trainer, lr_at, mean_target_loss, rows_of_batch
+from training.methods import prepare
+from training.optim import NeuronAdamW
+
+LANGS = ("en", "de", "fr", "zh")
+
+
+def partition_for(model, epsilon=0.5):
+    p = model.config.intermediate_size if hasattr(model.config, "intermediate_size") else None
+    gen = torch.Generator().manual_seed(0)
+    return build_partition({1: torch.rand(4, p or 128, generator=gen), 2: torch.rand(4, p or 128, generator=gen)},
+                           LANGS, epsilon, "paper")
+
+
+def batch_for(tokenizer, partition, direction, routed=True):
+    src, tgt = direction
+    lang = tgt if src == "en" else src
+    rows = [(en, xx) if src == "en" else (xx, en) for en, xx in PARALLEL[lang][:3]]
+    from landermt.prompts import DEFAULT_TEMPLATE, collate
+
+    examples = [translation_example(tokenizer, DEFAULT_TEMPLATE, src, tgt, s, t, 64) for s, t in rows]
+    ids = torch.full((len(rows),), partition.pair_id(src, tgt)) if routed else None
+    return Batch(collate(examples, tokenizer.pad_token_id), ids)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["landermt", "ls", "lg"])
+def test_untouched_neurons_and_all_other_parameters_stay_bit_for_bit(tokenizer, method):
+    model = tiny_model("gemma", len(tokenizer))
+    partition = partition_for(model)
+    prepared = prepare(model, MethodConfig(name=method), partition)
+    optimizer = NeuronAdamW([(p, axis) for _, p, axis in prepared.trainable], lr=1e-2, weight_decay=0.1)
+    trainable = {id(p) for _, p, _ in prepared.trainable}
+
+    def step(direction):
+        loss = mean_target_loss(model, batch_for(tokenizer, partition, direction))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    before_all = snapshot(model)
+    step(("fr", "zh"))  # gives fr- and zh-specific neurons momentum
+    after_fr_zh = snapshot(model)
+    step(("en", "de"))
+    step(("de", "en"))
+    after = snapshot(model)
+    for name, p in model.named_parameters():
+        if id(p) not in trainable:
+            assert torch.equal(after[name], before_all[name]), name
+    for name, p, axis in prepared.trainable:
+        layer = partition.layers[int(name.split(".")[1])]
+        fr, zh = LANGS.index("fr"), LANGS.index("zh")
+        other = (layer.specific == fr) | (layer.specific == zh)
+        frozen_now = other  # en-de steps never touch fr/zh-specific neurons
+        if method == "ls":
+            frozen_now = frozen_now | layer.general  # ls never trains general neurons
+        if method == "lg":
+            frozen_now = ~layer.general  # lg trains general neurons only
+        key = next(n for n, q in model.named_parameters() if q is p)
+        old, new = after_fr_zh[key].movedim(axis, 0), after[key].movedim(axis, 0)
+        assert torch.equal(new[frozen_now], old[frozen_now]), name
+        assert not torch.equal(new[~frozen_now], old[~frozen_now]), name  # the rest did train
+
+
+def test_plain_adamw_would_move_frozen_neurons(tokenizer):
+    """The property above is not free: torch's AdamW moves zero-gradient neurons (momentum, decay)."""
+    model = tiny_model("gemma", len(tokenizer))
+    partition = partition_for(model)
+    prepared = prepare(model, MethodConfig(name="landermt"), partition)
+    optimizer = torch.optim.AdamW([p for _, p, _ in prepared.trainable], lr=1e-2, weight_decay=0.1)
+    for direction in (("fr", "zh"), ("en", "de")):
+        mean_target_loss(model, batch_for(tokenizer, partition, direction)).backward()
+        if direction == ("en", "de"):
+            before = snapshot(model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    name, p, axis = prepared.trainable[0]
+    layer = partition.layers[int(name.split(".")[1])]
+    fr_zh = (layer.specific == LANGS.index("fr")) | (layer.specific == LANGS.index("zh"))
+    key = next(n for n, q in model.named_parameters() if q is p)
+    assert not torch.equal(p.detach().movedim(axis, 0)[fr_zh], before[key].movedim(axis, 0)[fr_zh])
+
+
+def test_optimizer_state_exists_only_for_trainable_parameters(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    partition = partition_for(model)
+    prepared = prepare(model, MethodConfig(name="landermt"), partition)
+    n_trainable = sum(p.numel() for _, p, _ in prepared.trainable)
+    assert n_trainable < sum(p.numel() for p in model.parameters()) / 5
+    assert sorted({n.split(".")[1] for n, _, _ in prepared.trainable}) == ["1", "2"]
+    assert all(p.requires_grad == any(p is q for _, q, _ in prepared.trainable) for p in model.parameters())
+
+
+def test_batch_order_and_schedule_are_functions_of_seed_and_step():
+    assert rows_of_batch(10, 4, 0, 3) == rows_of_batch(10, 4, 0, 3)
+    epoch = [r for b in range(5) for r in rows_of_batch(10, 2, 1, b)]
+    assert sorted(epoch) == list(range(10))  # one epoch visits every example once
+    config = TrainConfig(lr=1.0, steps=100, warmup_ratio=0.1)
+    assert lr_at(0, config) == pytest.approx(0.1) and lr_at(9, config) == pytest.approx(1.0)
+    assert lr_at(55, config) == pytest.approx(0.5) and lr_at(99, config) == pytest.approx(1 / 90)
+
+
+def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path):
+    def make(output):
+        model = tiny_model("gemma", len(tokenizer))
+        partition = partition_for(model)
+        prepared = prepare(model, MethodConfig(name="landermt"), partition)
+        from landermt.prompts import DEFAULT_TEMPLATE
+
+        examples = [((s, t), translation_example(tokenizer, DEFAULT_TEMPLATE, s, t, a, b, 64))
+                    for lang in ("de", "fr", "zh") for s, t in (("en", lang), (lang, "en"))
+                    for a, b in PARALLEL[lang][:3]]
+        config = TrainConfig(lr=1e-3, steps=6, batch_size=4, eval_every=2, checkpoint_every=2)
+        return Trainer(prepared, examples, examples[:4], lambda st: partition.pair_id(*st),
+                       tokenizer.pad_token_id, config, output), model
+
+    straight, _ = make(tmp_path / "a")
+    want = straight.train(lambda entry: None)
+    first, _ = make(tmp_path / "b")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_5(entry):
+        if entry["step"] == 5:
+            raise Killed  # after step 5's update, before its checkpoint: the step-4 one is on disk
+
+    with pytest.raises(Killed):
+        first.train(kill_at_step_5)
+    resumed, _ = make(tmp_path / "b")
+    assert resumed.load_checkpoint() and resumed.step == 4
+    got = resumed.train(lambda entry: None)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)

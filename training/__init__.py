@@ -1,0 +1,1 @@
+"""The LANDeRMT training pipeline: detect → score → partition → finetune → evaluate."""

@@ -1,0 +1,114 @@
+"""Run configuration: YAML validated by pydantic. Unknown keys and bad values are errors that name
+the key path (e.g. `train.lr: Input should be greater than 0`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["zero_shot", "few_shot", "full", "lora", "layers", "ls", "lg", "landermt"]
+FINETUNED: tuple[str, ...] = ("full", "lora", "layers", "ls", "lg", "landermt")
+NEURON_METHODS: tuple[str, ...] = ("layers", "ls", "lg", "landermt")  # need detect/score/partition
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelConfig(Strict):
+    """A random model built on the fly (smoke tests): Gemma-3-style, tokenizer trained on the data."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, ge=2)
+    vocab_size: int = Field(1000, ge=300)
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    path: str | None = None  # None: the default model (Gemma 3 270M); else a local HF directory
+    tiny: TinyModelConfig | None = None
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+class DataConfig(Strict):
+    root: str | None = None  # None: $LANDERMT_DATA or ../shared/data
+    languages: list[str] = ["de", "fr", "it", "ar", "zh"]  # each paired with English, both directions
+    max_examples_per_direction: int | None = Field(None, gt=0)
+    min_chars: int = Field(2, ge=1)
+    max_chars: int = Field(400, gt=0)
+    max_length_ratio: float = Field(3.0, gt=1.0)  # drop pairs whose character lengths differ more
+    max_tokens: int = Field(256, gt=8)
+    dev_examples_per_direction: int = Field(50, ge=0)  # FLORES dev lines for periodic evaluation
+
+
+class MethodConfig(Strict):
+    name: Method = "landermt"
+    k: int = Field(4, ge=1)
+    epsilon: float = Field(0.9, ge=0.0, le=1.0)
+    car: Literal["paper", "swapped", "off"] = "paper"
+    objective: Literal["lm", "translation"] = "lm"
+    detect_samples: int = Field(64, ge=1)
+    score_samples: int = Field(200, ge=1)
+    few_shot: int = Field(5, ge=1)  # examples from FLORES dev, method few_shot
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+
+
+class TrainConfig(Strict):
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(100, ge=1)  # optimizer steps in total (all directions mixed)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    eval_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class EvalConfig(Strict):
+    testsets: list[Literal["flores", "wmt", "iwslt", "tatoeba"]] = ["flores"]
+    limit: int | None = Field(None, gt=0)  # sentences per direction; None: all
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    perplexity_lines: int = Field(100, ge=1)  # held-out monolingual lines per language
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.model.path and self.model.tiny:
+            raise ValueError("model: give either path or tiny, not both")
+        if "en" in self.data.languages:
+            raise ValueError("data.languages lists the languages paired with English; drop 'en'")
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read YAML ({e})") from None
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+                             for err in e.errors())
+        raise ConfigError(f"{path}: {problems}") from None

@@ -1,0 +1,143 @@
+"""Evaluation: translate test sets, score BLEU / chrF, off-target rate, and forgetting.
+
+    python -m training.evaluate --artifact DIR --testset flores [--model DIR] [--directions en-de,de-en]
+                                [--limit N] [--output FILE.json]
+
+BLEU is sacreBLEU with tokenize=13a (zh for Chinese targets), chrF with default settings; both
+signatures are reported. The off-target rate uses the offline check in langid.py. Forgetting is
+perplexity on held-out monolingual text per language, with and without the finetuned weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import sacrebleu
+import torch
+from tqdm import tqdm
+
+from landermt.artifact import load_artifact
+from landermt.models import load_model
+from landermt.prompts import render_prompt, text_example
+from landermt.routing import route
+from landermt.score import summed_token_loss
+from training import langid
+from training.data import TESTSETS, testset
+
+
+def few_shot_prefix(template: str, source_lang: str, target_lang: str, shots: list[tuple[str, str]]) -> str:
+    """Worked examples, each the template followed by its reference, separated by blank lines."""
+    return "".join(f"{render_prompt(template, source_lang, target_lang, s)} {t}\n\n" for s, t in shots)
+
+
+@torch.no_grad()
+def translate(model, tokenizer, template: str, source_lang: str, target_lang: str, sources: list[str],
+              pair_id: int | None = None, batch_size: int = 16, max_new_tokens: int = 256,
+              shots: list[tuple[str, str]] = (), desc: str | None = None) -> list[str]:
+    """Greedy, batched, left-padded; each output is cut at its first newline (one line in, one out)."""
+    prefix = few_shot_prefix(template, source_lang, target_lang, list(shots))
+    prompts = [prefix + render_prompt(template, source_lang, target_lang, s) for s in sources]
+    tokenizer.padding_side = "left"
+    outputs = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc or f"translate {source_lang}-{target_lang}",
+                      unit="batch", leave=False):
+        chunk = prompts[start : start + batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True)
+        source_tokens = max(len(tokenizer(s, add_special_tokens=False).input_ids)
+                            for s in sources[start : start + batch_size])
+        limit = min(max_new_tokens, 2 * source_tokens + 16)
+        ids = None if pair_id is None else torch.full((len(chunk),), pair_id)
+        with route(ids):
+            generated = model.generate(**enc, max_new_tokens=limit, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row in generated[:, enc["input_ids"].shape[1]:]:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            outputs.append(text.strip().split("\n", 1)[0].strip())
+    return outputs
+
+
+def score(hypotheses: list[str], references: list[str], target_lang: str) -> dict:
+    bleu = sacrebleu.metrics.BLEU(tokenize="zh" if target_lang == "zh" else "13a")
+    chrf = sacrebleu.metrics.CHRF()
+    b, c = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses, [references])
+    return {"bleu": round(b.score, 2), "chrf": round(c.score, 2), "off_target": round(
+        langid.off_target_rate(hypotheses, target_lang), 4), "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()), "sentences": len(hypotheses)}
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16) -> float:
+    """exp(mean token NLL) of plain text through the base path (no routing)."""
+    from landermt.prompts import batches
+
+    examples = [text_example(tokenizer, line, 256) for line in lines]
+    total, tokens = 0.0, 0
+    for batch in batches(examples, batch_size, tokenizer.pad_token_id):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += summed_token_loss(logits, batch["labels"]).item()
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
+    return math.exp(total / max(tokens, 1))
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    rows = ["| direction | BLEU | chrF | off-target |", "|---|---:|---:|---:|"]
+    for direction, r in results.items():
+        rows.append(f"| {direction} | {r['bleu']:.2f} | {r['chrf']:.2f} | {100 * r['off_target']:.1f}% |")
+    if results:
+        mean = {k: sum(r[k] for r in results.values()) / len(results) for k in ("bleu", "chrf", "off_target")}
+        rows.append(f"| **mean** | {mean['bleu']:.2f} | {mean['chrf']:.2f} | {100 * mean['off_target']:.1f}% |")
+    return "\n".join(rows)
+
+
+def evaluate_directions(model, tokenizer, template: str, directions: list[str], testset_name: str,
+                        data_root: str | None, limit: int | None, pair_id, batch_size: int = 16,
+                        max_new_tokens: int = 256, shots=None) -> dict[str, dict]:
+    """{direction: scores}; `pair_id(src, tgt)` gives the routing id (None: base path);
+    `shots(src, tgt)` gives few-shot examples."""
+    results = {}
+    for direction in directions:
+        src, tgt = direction.split("-")
+        lines = testset(data_root, testset_name, src, tgt)[:limit]
+        hyps = translate(model, tokenizer, template, src, tgt, [s for s, _ in lines], pair_id(src, tgt),
+                         batch_size, max_new_tokens, shots(src, tgt) if shots else ())
+        results[direction] = score(hyps, [r for _, r in lines], tgt) | {"examples": [
+            {"source": s, "reference": r, "output": h} for (s, r), h in list(zip(lines, hyps, strict=True))[:3]]}
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", required=True)
+    parser.add_argument("--testset", choices=TESTSETS, default="flores")
+    parser.add_argument("--model", default=None, help="base model directory (default: Gemma 3 270M)")
+    parser.add_argument("--directions", default=None, help="comma-separated, e.g. en-de,de-en (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="sentences per direction")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output", default=None, help="JSON file (a .md table is written beside it)")
+    args = parser.parse_args(argv)
+
+    artifact = load_artifact(args.artifact)
+    model, tokenizer = load_model(args.model)
+    artifact.apply(model)
+    m = artifact.manifest
+    directions = args.directions.split(",") if args.directions else m.directions
+    for direction in directions:
+        src, _, tgt = direction.partition("-")
+        if src not in m.languages or tgt not in m.languages or src == tgt:
+            parser.error(f"direction {direction!r} is not servable; languages: {', '.join(m.languages)}")
+    results = evaluate_directions(model, tokenizer, m.prompt_template, directions, args.testset, args.data,
+                                  args.limit, artifact.partition.pair_id, args.batch_size)
+    table = markdown_table(results)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        Path(args.output).with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""What each method trains, and whether its batches are routed.
+
+| method     | trainable                                     | forward                          |
+|------------|-----------------------------------------------|----------------------------------|
+| zero_shot  | nothing                                       | base                             |
+| few_shot   | nothing (k FLORES dev examples in the prompt) | base                             |
+| full       | every parameter                               | base                             |
+| lora       | PEFT LoRA adapters on attention and MLP       | base + adapters                  |
+| layers     | all FFN neurons of the selected layers        | base                             |
+| ls         | language-specific neurons of selected layers  | routed CAR (pair's neurons only) |
+| lg         | language-general neurons of selected layers   | routed CAR                       |
+| landermt   | general + the pair's specific neurons         | routed CAR                       |
+
+With routing, neurons outside a row's pair get exactly zero gradient from that row (routing.py),
+so LANDeRMT's per-pair rule needs nothing more; `ls` and `lg` additionally zero the gradient of
+the neurons they never train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from landermt.families import family_of
+from landermt.partition import Partition
+from landermt.routing import patch
+from training.config import MethodConfig
+
+FFN_PARTS = ("up", "gate", "down")
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    trainable: list[tuple[str, nn.Parameter, int]] = field(default_factory=list)  # (name, param, neuron axis)
+    routed: bool = False
+
+
+def _ffn_parameters(model: nn.Module, layers: list[int]) -> list[tuple[str, nn.Parameter, int]]:
+    """(name, param, neuron axis) of the selected layers' neuron weights; the down bias is not a neuron."""
+    family = family_of(model)
+    out = []
+    for i in layers:
+        ffn = family.ffns(model)[i]
+        for part in FFN_PARTS:
+            attr = getattr(family, part)
+            if attr is None:
+                continue
+            module = getattr(ffn, attr)
+            out.append((f"layers.{i}.{attr}.weight", module.weight, family.neuron_axis(part)))
+            if part != "down" and module.bias is not None:
+                out.append((f"layers.{i}.{attr}.bias", module.bias, 0))
+    return out
+
+
+def _freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None) -> Prepared:
+    name = method.name
+    if name in ("zero_shot", "few_shot"):
+        _freeze_all(model)
+        return Prepared(model)
+    if name == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Prepared(model, [(n, p, 0) for n, p in model.named_parameters()])
+    if name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj", "c_fc"]
+        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=0.0,
+                            target_modules=[t for t in targets if t in present])
+        wrapped = get_peft_model(model, config)
+        return Prepared(wrapped, [(n, p, 0) for n, p in wrapped.named_parameters() if p.requires_grad])
+    if partition is None:
+        raise ValueError(f"method {name} needs a partition (detect/score/partition stages)")
+    layers = sorted(partition.layers)
+    _freeze_all(model)
+    params = _ffn_parameters(model, layers)
+    for _, p, _ in params:
+        p.requires_grad_(True)
+    if name == "layers":
+        return Prepared(model, params)
+    patch(model, family_of(model), partition.scale_tables())
+    if name in ("ls", "lg"):
+        for param_name, p, axis in params:
+            general = partition.layers[int(param_name.split(".")[1])].general
+            keep = general if name == "lg" else ~general
+            shape = [1] * p.dim()
+            shape[axis] = -1
+            mask = keep.view(shape).to(p.dtype)
+            p.register_hook(lambda grad, mask=mask: grad * mask)
+    return Prepared(model, params, routed=True)

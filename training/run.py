@@ -1,0 +1,253 @@
+"""The training pipeline: detect → score → partition → finetune → evaluate.
+
+    python -m training.run --config configs/quick.yaml [--output DIR] [--resume]
+
+Each stage records a fingerprint of its inputs in OUTPUT/stages.json and is skipped when they are
+unchanged and its outputs exist. A finetuning run that was killed continues from its last
+checkpoint with --resume and ends with the same weights as an uninterrupted run.
+
+Output: the artifact (manifest.json, partitions.safetensors, ffn.safetensors) for neuron methods,
+trained.safetensors (best trainable weights) for every finetuned method, config.yaml,
+train_log.jsonl, eval.json and eval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from landermt.artifact import MANIFEST, ffn_weights, load_artifact, save_artifact
+from landermt.build import build
+from landermt.data import training_corpora
+from landermt.families import family_of
+from landermt.models import load_model, weights_sha256
+from landermt.prompts import DEFAULT_TEMPLATE, translation_example
+from training import data as train_data
+from training.config import FINETUNED, NEURON_METHODS, ConfigError, RunConfig, load_config
+from training.evaluate import evaluate_directions, markdown_table, perplexity
+from training.finetune import CHECKPOINT, Trainer
+from training.methods import prepare
+from training.tiny import tiny_gemma, train_tokenizer
+
+STAGES = "stages.json"
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Run:
+    """One run's output directory and its stage bookkeeping."""
+
+    def __init__(self, config: RunConfig, output: Path):
+        self.config, self.output = config, output
+        self.stages = json.loads((output / STAGES).read_text()) if (output / STAGES).exists() else {}
+
+    def cached(self, stage: str, key: str, *files: str) -> bool:
+        return self.stages.get(stage) == key and all((self.output / f).exists() for f in files)
+
+    def done(self, stage: str, key: str) -> None:
+        self.stages[stage] = key
+        (self.output / STAGES).write_text(json.dumps(self.stages, indent=2))
+
+    def log(self, entry: dict) -> None:
+        with (self.output / "train_log.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def directions(config: RunConfig) -> list[str]:
+    return [d for lang in config.data.languages for d in (f"en-{lang}", f"{lang}-en")]
+
+
+def load_base(run: Run):
+    """The base model: a tiny random one (built once, saved under OUTPUT/base_model) or a real one."""
+    c = run.config
+    if c.model.tiny is None:
+        return load_model(c.model.path, getattr(torch, c.model.dtype))
+    folder = run.output / "base_model"
+    key = fingerprint(c.model.tiny.model_dump(), c.data.languages)
+    if not run.cached("base_model", key, "base_model/config.json"):
+        lines = [text for pair in train_data.training_pairs(c.data.root, c.data.languages, max_per_direction=500)
+                 for text in (pair.source, pair.target)]
+        tokenizer = train_tokenizer(lines + list(DEFAULT_TEMPLATE.split()), c.model.tiny.vocab_size)
+        model = tiny_gemma(c.model.tiny, len(tokenizer))
+        shutil.rmtree(folder, ignore_errors=True)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        run.done("base_model", key)
+    return load_model(str(folder), getattr(torch, c.model.dtype))
+
+
+def stage_base_perplexity(run: Run, model, tokenizer, base_sha: str) -> dict[str, float]:
+    """Perplexity of the untouched base model on held-out text per language (the forgetting baseline)."""
+    c = run.config
+    key = fingerprint(base_sha, c.data.languages, c.eval.perplexity_lines, c.data.root)
+    if run.cached("base_perplexity", key, "base_perplexity.json"):
+        return json.loads((run.output / "base_perplexity.json").read_text())
+    result = {lang: perplexity(model, tokenizer, _heldout(c, lang)) for lang in ["en", *c.data.languages]}
+    (run.output / "base_perplexity.json").write_text(json.dumps(result, indent=2))
+    run.done("base_perplexity", key)
+    return result
+
+
+def stage_partition(run: Run, model, tokenizer, base_sha: str):
+    """Detect, score, partition (neuron methods only) into OUTPUT/artifact, cached."""
+    c, m = run.config, run.config.method
+    key = fingerprint(base_sha, m.k, m.epsilon, m.car, m.objective, m.detect_samples, m.score_samples,
+                      c.data.languages, c.data.root, c.train.seed)
+    folder = run.output / "artifact"
+    if run.cached("partition", key, f"artifact/{MANIFEST}"):
+        print("partition: cached", flush=True)
+        return load_artifact(folder)
+    corpora = [corpus for corpus in training_corpora(c.data.root) if corpus.second in c.data.languages]
+    manifest, partition = build(model, tokenizer, corpora, k=m.k, epsilon=m.epsilon, car=m.car,
+                                detect_samples=m.detect_samples, score_samples=m.score_samples,
+                                objective=m.objective, seed=c.train.seed,
+                                model_name=c.model.path or ("tiny" if c.model.tiny else "gemma-3-270m (default)"))
+    shutil.rmtree(folder, ignore_errors=True)
+    save_artifact(folder, manifest, partition)
+    run.done("partition", key)
+    return load_artifact(folder)
+
+
+def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream: str):
+    """Selective (or baseline) finetuning; returns the prepared model with the best weights loaded."""
+    c = run.config
+    prepared = prepare(model, c.method, artifact.partition if artifact else None)
+    if c.method.name not in FINETUNED:
+        return prepared.model, None
+    key = fingerprint(upstream, c.method.model_dump(), c.train.model_dump(), c.data.model_dump())
+    trained_path = run.output / "trained.safetensors"
+    if run.cached("finetune", key, "trained.safetensors"):
+        print("finetune: cached", flush=True)
+        best = load_file(trained_path)
+    else:
+        pairs = train_data.training_pairs(c.data.root, c.data.languages, min_chars=c.data.min_chars,
+                                          max_chars=c.data.max_chars, max_ratio=c.data.max_length_ratio,
+                                          max_per_direction=c.data.max_examples_per_direction, seed=c.train.seed)
+        examples = train_data.encode(tokenizer, pairs, c.data.max_tokens, c.train.seed)
+        dev = [(train_data.Pair(s, t, a, b), translation_example(tokenizer, DEFAULT_TEMPLATE, s, t, a, b,
+                                                                  c.data.max_tokens))
+               for d in directions(c) for s, t in [d.split("-")]
+               for a, b in train_data.flores(c.data.root, "dev", s, t)[: c.data.dev_examples_per_direction]]
+        partition = artifact.partition if artifact else None
+        trainer = Trainer(prepared, examples, dev,
+                          lambda p: partition.pair_id(p.source_lang, p.target_lang) if partition else 0,
+                          tokenizer.pad_token_id, c.train, run.output)
+        if (run.output / CHECKPOINT).exists():
+            if not resume:
+                raise SystemExit(f"{run.output} holds an unfinished finetuning run: pass --resume to continue it "
+                                 "or choose another --output")
+            trainer.load_checkpoint()
+            print(f"finetune: resuming at step {trainer.step}", flush=True)
+            _truncate_log(run.output / "train_log.jsonl", trainer.step)
+        elif (run.output / "train_log.jsonl").exists():
+            (run.output / "train_log.jsonl").unlink()
+        print(f"finetune: {len(examples)} examples, {sum(p.numel() for _, p, _ in prepared.trainable):,} "
+              f"trainable parameters", flush=True)
+        best = trainer.train(run.log)
+        save_file({k: v.contiguous() for k, v in best.items()}, trained_path)
+        shutil.rmtree(run.output / CHECKPOINT)
+        run.done("finetune", key)
+    with torch.no_grad():
+        params = {name: p for name, p, _ in prepared.trainable}
+        for name, value in best.items():
+            params[name].copy_(value)
+    if artifact is not None and prepared.routed:  # the artifact serves routed methods only
+        family = family_of(model)
+        save_artifact(run.output / "artifact", artifact.manifest, artifact.partition,
+                      ffn_weights(model, family, artifact.manifest.layers))
+    return prepared.model, key
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines a killed run wrote after its last checkpoint."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def stage_evaluate(run: Run, model, tokenizer, artifact, base_perplexity: dict[str, float], upstream: str) -> dict:
+    c = run.config
+    key = fingerprint(upstream, c.eval.model_dump(), c.method.name, c.method.few_shot)
+    if run.cached("evaluate", key, "eval.json"):
+        print("evaluate: cached", flush=True)
+        return json.loads((run.output / "eval.json").read_text())
+    partition = artifact.partition if artifact and c.method.name in ("landermt", "ls", "lg") else None
+    pair_id = (lambda s, t: partition.pair_id(s, t)) if partition else (lambda s, t: None)
+    shots = None
+    if c.method.name == "few_shot":
+        def shots(s: str, t: str) -> list[tuple[str, str]]:
+            return train_data.flores(c.data.root, "dev", s, t)[-c.method.few_shot:]
+    model.eval()
+    results: dict = {"method": c.method.name, "testsets": {}}
+    for name in c.eval.testsets:
+        usable = [d for d in directions(c) if _has(c, name, d)]
+        scores = evaluate_directions(model, tokenizer, DEFAULT_TEMPLATE, usable, name, c.data.root, c.eval.limit,
+                                     pair_id, c.eval.batch_size, c.eval.max_new_tokens, shots)
+        results["testsets"][name] = scores
+    results["perplexity"] = {
+        lang: {"base": base_perplexity[lang], "after": perplexity(model, tokenizer, _heldout(c, lang))}
+        for lang in base_perplexity}
+    (run.output / "eval.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    tables = [f"## {name}\n\n{markdown_table(scores)}" for name, scores in results["testsets"].items()]
+    ppl = ["| language | base | after |", "|---|---:|---:|"] + [
+        f"| {lang} | {v['base']:.2f} | {v['after']:.2f} |" for lang, v in results["perplexity"].items()]
+    (run.output / "eval.md").write_text(f"# {c.name}: {c.method.name}\n\n" + "\n\n".join(tables)
+                                        + "\n\n## Perplexity on held-out text\n\n" + "\n".join(ppl) + "\n")
+    run.done("evaluate", key)
+    return results
+
+
+def _has(config: RunConfig, testset_name: str, direction: str) -> bool:
+    try:
+        train_data.testset(config.data.root, testset_name, *direction.split("-"))
+    except (KeyError, FileNotFoundError):
+        return False
+    return True
+
+
+def _heldout(config: RunConfig, lang: str) -> list[str]:
+    return train_data.monolingual_heldout(config.data.root, lang, config.eval.perplexity_lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
+    parser.add_argument("--output", default=None, help="output directory (default: runs/NAME-METHOD)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted finetuning run")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        parser.exit(2, f"error: {e}\n")
+    output = Path(args.output or f"runs/{config.name}-{config.method.name}")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True))
+    torch.manual_seed(config.train.seed)
+    start = time.monotonic()
+    run = Run(config, output)
+
+    model, tokenizer = load_base(run)
+    base_sha = weights_sha256(model)
+    base_ppl = stage_base_perplexity(run, model, tokenizer, base_sha)
+    artifact = stage_partition(run, model, tokenizer, base_sha) if config.method.name in NEURON_METHODS else None
+    model, finetune_key = stage_finetune(run, model, tokenizer, artifact, args.resume, base_sha)
+    results = stage_evaluate(run, model, tokenizer, artifact, base_ppl, finetune_key or base_sha)
+    for name, scores in results["testsets"].items():
+        print(f"\n{name}\n{markdown_table(scores)}")
+    print(f"\n{output}: done in {time.monotonic() - start:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
