@@ -1,0 +1,130 @@
+"""`python -m training.run` end to end on the smoke preset: stages, caching, resume after kill -9,
+config errors, and every method."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from landermt.artifact import load_artifact
+from training.config import ConfigError, load_config
+from training.run import main as run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def smoke_config(tmp_path: Path, **changes) -> Path:
+    config = yaml.safe_load(SMOKE.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(config: Path, output: Path, *extra: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "training.run", "--config", str(config), "--output", str(output),
+                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_smoke_pipeline_writes_everything_and_caches_stages(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(SMOKE, out)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    for name in ("config.yaml", "train_log.jsonl", "eval.json", "eval.md", "trained.safetensors",
+                 "artifact/manifest.json", "artifact/partitions.safetensors", "artifact/ffn.safetensors"):
+        assert (out / name).exists(), name
+    results = json.loads((out / "eval.json").read_text())
+    assert set(results["testsets"]["flores"]) == {f"{a}-{b}" for x in ("de", "fr", "it", "ar", "zh")
+                                                   for a, b in (("en", x), (x, "en"))}
+    assert all(0 <= r["off_target"] <= 1 and "nrefs:1" in r["bleu_signature"]
+               for r in results["testsets"]["flores"].values())
+    assert set(results["perplexity"]) == {"en", "de", "fr", "it", "ar", "zh"}
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+    artifact = load_artifact(out / "artifact")
+    base = load_file(next((out / "base_model").glob("*.safetensors")))
+    changed = {key.split(".")[1] for key, value in artifact.ffn.items()
+               if not torch.equal(value, base[f"model.layers.{key.split('.', 2)[1]}.mlp.{key.split('.', 2)[2]}"])}
+    assert changed == {str(i) for i in artifact.manifest.layers}  # trained, and only the selected layers
+
+    again = run_cli(SMOKE, out)
+    log, _ = again.communicate(timeout=300)
+    assert again.returncode == 0 and all(f"{s}: cached" in log for s in ("partition", "finetune", "evaluate"))
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    config = smoke_config(tmp_path, train__steps=400, train__checkpoint_every=5, train__eval_every=100)
+    reference = run_cli(config, tmp_path / "straight")
+    assert reference.wait(timeout=600) == 0
+
+    out = tmp_path / "killed"
+    proc = run_cli(config, out, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint" / "state.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert 0 < step < 400
+
+    refused = run_cli(config, out)
+    log, _ = refused.communicate(timeout=300)
+    assert refused.returncode != 0 and "pass --resume" in log
+
+    resumed = run_cli(config, out, "--resume")
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "resuming at step" in log, log
+    want, got = load_file(tmp_path / "straight" / "trained.safetensors"), load_file(out / "trained.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    logged = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 401))  # nothing lost, nothing duplicated
+
+
+@pytest.mark.parametrize("method", ["zero_shot", "few_shot", "full", "lora", "layers", "ls", "lg"])
+def test_every_method_runs_through_the_same_pipeline(tmp_path, method):
+    config = smoke_config(tmp_path, method__name=method, train__steps=4, eval__limit=2)
+    run_main(["--config", str(config), "--output", str(tmp_path / method)])
+    results = json.loads((tmp_path / method / "eval.json").read_text())
+    assert results["method"] == method and len(results["testsets"]["flores"]) == 10
+    trained = (tmp_path / method / "trained.safetensors").exists()
+    assert trained == (method not in ("zero_shot", "few_shot"))
+    assert (tmp_path / method / "artifact" / "ffn.safetensors").exists() == (method in ("ls", "lg"))
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"train": {"lr": -1}}, "train.lr: Input should be greater than 0"),
+    ({"train": {"learning_rate": 1}}, "train.learning_rate: Extra inputs are not permitted"),
+    ({"method": {"name": "magic"}}, "method.name: Input should be"),
+    ({"data": {"languages": ["en", "de"]}}, "drop 'en'"),
+])
+def test_config_errors_name_the_key(tmp_path, body, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(path)
+
+
+def test_presets_are_valid():
+    for name in ("smoke", "quick", "paper"):
+        config = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert config.name == name and config.method.name == "landermt"
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    assert (paper.method.k, paper.method.epsilon, paper.train.lr, paper.train.batch_size, paper.train.grad_accum,
+            paper.train.steps) == (4, 0.9, 5e-5, 8, 10, 12_500 * 5)
