@@ -7,10 +7,15 @@ Every `eval_every` steps the target-token loss on FLORES dev is measured and the
 kept. Every `checkpoint_every` steps the trainable weights, optimizer state, best weights and RNG
 state are written atomically; `--resume` continues from there, and because the batch order is a
 function of (seed, step) the result equals an uninterrupted run's.
+
+Under torchrun (torch.distributed initialised, world size > 1) the model is wrapped in DDP, each
+rank takes its own slice of every global batch, gradients are averaged across ranks, and rank 0
+alone writes checkpoints and logs. On CPU the gloo backend is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -21,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from landermt.prompts import IGNORE, Example, collate
@@ -31,6 +38,13 @@ from training.methods import Prepared
 from training.optim import NeuronAdamW
 
 CHECKPOINT = "checkpoint"
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @dataclass
@@ -79,6 +93,9 @@ class Trainer:
                                      weight_decay=config.weight_decay)
         self.step, self.best_loss, self.best_step = 0, math.inf, -1
         self.best = {n: p.detach().clone() for n, p in self.params.items()}
+        self.rank, self.world_size = world()
+        self.forward_model = (DistributedDataParallel(self.model) if self.world_size > 1 and self.params
+                              else self.model)
 
     def batch(self, items: list[tuple[object, Example]]) -> Batch:
         pair_ids = torch.tensor([self.pair_id(p) for p, _ in items]) if self.prepared.routed else None
@@ -98,6 +115,8 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
         tmp = self.output / (CHECKPOINT + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -141,7 +160,7 @@ class Trainer:
         """Run to `config.steps`; returns the best trainable weights (by dev loss)."""
         c = self.config
         self.model.train()
-        bar = tqdm(total=c.steps, initial=self.step, desc="finetune", unit="step")
+        bar = tqdm(total=c.steps, initial=self.step, desc="finetune", unit="step", disable=self.rank != 0)
         start = time.monotonic()
         while self.step < c.steps:
             lr = lr_at(self.step, c)
@@ -150,9 +169,12 @@ class Trainer:
             loss_sum = 0.0
             for micro in range(c.grad_accum):
                 rows = rows_of_batch(len(self.examples), c.batch_size, c.seed, self.step * c.grad_accum + micro)
-                loss = mean_target_loss(self.model, self.batch([self.examples[r] for r in rows])) / c.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
+                rows = rows[self.rank :: self.world_size]
+                sync = micro == c.grad_accum - 1 or self.forward_model is self.model
+                with contextlib.nullcontext() if sync else self.forward_model.no_sync():
+                    loss = mean_target_loss(self.forward_model, self.batch([self.examples[r] for r in rows]))
+                    (loss / c.grad_accum).backward()
+                loss_sum += loss.item() / c.grad_accum
             params = list(self.params.values())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm).item()
             self.optimizer.step()
@@ -165,7 +187,8 @@ class Trainer:
                 if entry["dev_loss"] < self.best_loss:
                     self.best_loss, self.best_step = entry["dev_loss"], self.step
                     self.best = {n: p.detach().clone() for n, p in self.params.items()}
-            log(entry)
+            if self.rank == 0:
+                log(entry)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", **({"dev": entry["dev_loss"]} if "dev_loss" in entry else {}))
             if self.step % c.checkpoint_every == 0 or self.step == c.steps:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -34,7 +36,7 @@ from landermt.prompts import DEFAULT_TEMPLATE, translation_example
 from training import data as train_data
 from training.config import FINETUNED, NEURON_METHODS, ConfigError, RunConfig, load_config
 from training.evaluate import evaluate_directions, markdown_table, perplexity
-from training.finetune import CHECKPOINT, Trainer
+from training.finetune import CHECKPOINT, Trainer, world
 from training.methods import prepare
 from training.tiny import tiny_gemma, train_tokenizer
 
@@ -50,14 +52,27 @@ class Run:
 
     def __init__(self, config: RunConfig, output: Path):
         self.config, self.output = config, output
-        self.stages = json.loads((output / STAGES).read_text()) if (output / STAGES).exists() else {}
+        self.rank = world()[0]
+
+    def _stages(self) -> dict[str, str]:
+        path = self.output / STAGES
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def cached(self, stage: str, key: str, *files: str) -> bool:
-        return self.stages.get(stage) == key and all((self.output / f).exists() for f in files)
+        return self._stages().get(stage) == key and all((self.output / f).exists() for f in files)
 
     def done(self, stage: str, key: str) -> None:
-        self.stages[stage] = key
-        (self.output / STAGES).write_text(json.dumps(self.stages, indent=2))
+        if self.rank == 0:
+            (self.output / STAGES).write_text(json.dumps(self._stages() | {stage: key}, indent=2))
+
+    def rank_zero_first(self, stage):
+        """Rank 0 runs a cached stage first; the other ranks then find its results in the cache."""
+        if self.rank != 0:
+            dist.barrier()
+        result = stage()
+        if self.rank == 0 and dist.is_initialized():
+            dist.barrier()
+        return result
 
     def log(self, entry: dict) -> None:
         with (self.output / "train_log.jsonl").open("a") as f:
@@ -149,20 +164,22 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
                                  "or choose another --output")
             trainer.load_checkpoint()
             print(f"finetune: resuming at step {trainer.step}", flush=True)
-            _truncate_log(run.output / "train_log.jsonl", trainer.step)
-        elif (run.output / "train_log.jsonl").exists():
+            if run.rank == 0:
+                _truncate_log(run.output / "train_log.jsonl", trainer.step)
+        elif run.rank == 0 and (run.output / "train_log.jsonl").exists():
             (run.output / "train_log.jsonl").unlink()
         print(f"finetune: {len(examples)} examples, {sum(p.numel() for _, p, _ in prepared.trainable):,} "
               f"trainable parameters", flush=True)
         best = trainer.train(run.log)
-        save_file({k: v.contiguous() for k, v in best.items()}, trained_path)
-        shutil.rmtree(run.output / CHECKPOINT)
+        if run.rank == 0:
+            save_file({k: v.contiguous() for k, v in best.items()}, trained_path)
+            shutil.rmtree(run.output / CHECKPOINT)
         run.done("finetune", key)
     with torch.no_grad():
         params = {name: p for name, p, _ in prepared.trainable}
         for name, value in best.items():
             params[name].copy_(value)
-    if artifact is not None and prepared.routed:  # the artifact serves routed methods only
+    if artifact is not None and prepared.routed and run.rank == 0:  # the artifact serves routed methods only
         family = family_of(model)
         save_artifact(run.output / "artifact", artifact.manifest, artifact.partition,
                       ffn_weights(model, family, artifact.manifest.layers))
@@ -233,20 +250,29 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {e}\n")
     output = Path(args.output or f"runs/{config.name}-{config.method.name}")
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    run = Run(config, output)
+    if run.rank == 0:
+        (output / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True))
     torch.manual_seed(config.train.seed)
     start = time.monotonic()
-    run = Run(config, output)
 
-    model, tokenizer = load_base(run)
+    model, tokenizer = run.rank_zero_first(lambda: load_base(run))
     base_sha = weights_sha256(model)
-    base_ppl = stage_base_perplexity(run, model, tokenizer, base_sha)
-    artifact = stage_partition(run, model, tokenizer, base_sha) if config.method.name in NEURON_METHODS else None
+    base_ppl = run.rank_zero_first(lambda: stage_base_perplexity(run, model, tokenizer, base_sha))
+    artifact = None
+    if config.method.name in NEURON_METHODS:
+        artifact = run.rank_zero_first(lambda: stage_partition(run, model, tokenizer, base_sha))
     model, finetune_key = stage_finetune(run, model, tokenizer, artifact, args.resume, base_sha)
-    results = stage_evaluate(run, model, tokenizer, artifact, base_ppl, finetune_key or base_sha)
-    for name, scores in results["testsets"].items():
-        print(f"\n{name}\n{markdown_table(scores)}")
-    print(f"\n{output}: done in {time.monotonic() - start:.0f} s", file=sys.stderr)
+    if run.rank == 0:
+        results = stage_evaluate(run, model, tokenizer, artifact, base_ppl, finetune_key or base_sha)
+        for name, scores in results["testsets"].items():
+            print(f"\n{name}\n{markdown_table(scores)}")
+        print(f"\n{output}: done in {time.monotonic() - start:.0f} s", file=sys.stderr)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
