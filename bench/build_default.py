@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import update_section  # bench/report.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_SECONDS = 15 * 60
 
@@ -78,16 +80,7 @@ def write_markdown(r: dict) -> None:
         f"| selected layers | {r['layers']} |",
         "",
     ])
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    header = "# Benchmarks\n\nEach section is written by its script in `bench/`.\n\n"
-    text = path.read_text() if path.exists() else header
-    start = text.find("## Detect + score + partition")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    update_section(ROOT / "docs" / "BENCHMARKS.md", "## Detect + score + partition", section, "Benchmarks")
 
 
 if __name__ == "__main__":
