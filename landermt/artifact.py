@@ -120,7 +120,8 @@ class Artifact:
         if verify_base and (actual := weights_sha256(model)) != base.sha256:
             raise ArtifactError(
                 f"base model weights sha256 {actual[:16]}… does not match the artifact's "
-                f"{base.sha256[:16]}… ({base.name}): the artifact was built on another model"
+                f"{base.sha256[:16]}… ({base.name}, {self.manifest.created.get('dtype', '?')}): the artifact "
+                f"was built on another model or dtype (this one is {next(model.parameters()).dtype})"
             )
         if self.ffn is not None:
             load_ffn_weights(model, family, self.ffn)

@@ -56,10 +56,12 @@ def _normal(text: str) -> str:
 
 
 def keep(source: str, target: str, min_chars: int, max_chars: int, max_ratio: float) -> bool:
-    """Length filters: both sides within [min_chars, max_chars], lengths within max_ratio, not a copy."""
-    a, b = len(source), len(target)
-    if not (min_chars <= a <= max_chars and min_chars <= b <= max_chars):
+    """Length filters: both sides within [min_chars, max_chars], not a copy, and UTF-8 byte lengths within
+    max_ratio (bytes, not characters: a Chinese character is 3 bytes and carries about as much as 3 Latin
+    letters, so en-zh pairs are not filtered away)."""
+    if not (min_chars <= len(source) <= max_chars and min_chars <= len(target) <= max_chars):
         return False
+    a, b = len(source.encode()), len(target.encode())
     return max(a, b) / min(a, b) <= max_ratio and _normal(source) != _normal(target)
 
 
@@ -117,7 +119,7 @@ def flores(root: str | Path | None, split: str, source: str, target: str) -> lis
     return _aligned(folder / f"{FLORES[source]}.{split}", folder / f"{FLORES[target]}.{split}")
 
 
-def testset(root: str | Path | None, name: str, source: str, target: str) -> list[tuple[str, str]]:
+def evaluation_set(root: str | Path | None, name: str, source: str, target: str) -> list[tuple[str, str]]:
     """(source, reference) lines of a test set for one direction."""
     base = data_root(root)
     other = target if source == "en" else source

@@ -25,7 +25,7 @@ from landermt.prompts import render_prompt, text_example
 from landermt.routing import route
 from landermt.score import summed_token_loss
 from training import langid
-from training.data import TESTSETS, testset
+from training.data import TESTSETS, evaluation_set
 
 
 def few_shot_prefix(template: str, source_lang: str, target_lang: str, shots: list[tuple[str, str]]) -> str:
@@ -100,7 +100,7 @@ def evaluate_directions(model, tokenizer, template: str, directions: list[str], 
     results = {}
     for direction in directions:
         src, tgt = direction.split("-")
-        lines = testset(data_root, testset_name, src, tgt)[:limit]
+        lines = evaluation_set(data_root, testset_name, src, tgt)[:limit]
         hyps = translate(model, tokenizer, template, src, tgt, [s for s, _ in lines], pair_id(src, tgt),
                          batch_size, max_new_tokens, shots(src, tgt) if shots else ())
         results[direction] = score(hyps, [r for _, r in lines], tgt) | {"examples": [
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     artifact = load_artifact(args.artifact)
-    model, tokenizer = load_model(args.model)
+    dtype = artifact.manifest.created.get("dtype", "torch.bfloat16").removeprefix("torch.")
+    model, tokenizer = load_model(args.model, getattr(torch, dtype))  # the dtype the artifact was built in
     artifact.apply(model)
     m = artifact.manifest
     directions = args.directions.split(",") if args.directions else m.directions

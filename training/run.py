@@ -227,7 +227,7 @@ def stage_evaluate(run: Run, model, tokenizer, artifact, base_perplexity: dict[s
 
 def _has(config: RunConfig, testset_name: str, direction: str) -> bool:
     try:
-        train_data.testset(config.data.root, testset_name, *direction.split("-"))
+        train_data.evaluation_set(config.data.root, testset_name, *direction.split("-"))
     except (KeyError, FileNotFoundError):
         return False
     return True

@@ -1,0 +1,100 @@
+"""Training data, test sets, the offline language check, and the evaluate CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training import langid
+from training.data import TEMPLATES, encode, evaluation_set, keep, training_pairs
+from training.evaluate import main as evaluate_main
+from training.evaluate import score
+from training.run import main as run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_filters_drop_copies_extremes_and_skewed_lengths():
+    assert keep("The cat sleeps.", "Die Katze schläft.", 2, 400, 3.0)
+    assert not keep("Hello", "hello", 2, 400, 3.0)  # a copy, after NFKC + lower-casing
+    assert not keep("A", "Ein", 2, 400, 3.0)  # too short
+    assert not keep("Yes.", "Das ist eine sehr lange Antwort auf eine kurze Frage.", 2, 400, 3.0)
+
+
+def test_training_pairs_cover_both_directions_without_duplicates(tmp_path):
+    from tests.conftest import write_corpora
+
+    write_corpora(tmp_path)
+    pairs = training_pairs(tmp_path, ["de", "zh"])
+    directions = {p.direction for p in pairs}
+    assert directions == {"en-de", "de-en", "en-zh", "zh-en"}
+    assert len({(p.direction, p.source) for p in pairs}) == len(pairs) == 24
+    assert training_pairs(tmp_path, ["de", "zh"]) == pairs  # seeded
+    with pytest.raises(FileNotFoundError, match="no training data for en-it"):
+        training_pairs(tmp_path, ["it"])
+
+
+def test_templates_are_ten_and_assigned_reproducibly(tokenizer, tmp_path):
+    from tests.conftest import write_corpora
+
+    assert len(set(TEMPLATES)) == 10
+    write_corpora(tmp_path)
+    pairs = training_pairs(tmp_path, ["de"])
+    first, second = encode(tokenizer, pairs, 128, seed=3), encode(tokenizer, pairs, 128, seed=3)
+    assert [e.input_ids for _, e in first] == [e.input_ids for _, e in second]
+    for _, example in first:  # loss on the target (and EOS) only
+        labelled = [t for t in example.labels if t != -100]
+        assert labelled[-1] == tokenizer.eos_token_id and len(labelled) < len(example.input_ids)
+
+
+@pytest.mark.parametrize("name,direction,lines", [
+    ("flores", "en-de", 1012), ("flores", "zh-ar", 1012), ("wmt", "en-fr", 3003), ("wmt", "de-en", 2999),
+    ("iwslt", "en-ar", 1460), ("iwslt", "zh-en", 1459), ("tatoeba", "it-en", 1000),
+])
+def test_test_sets_from_the_shared_data(name, direction, lines):
+    rows = evaluation_set(None, name, *direction.split("-"))
+    assert len(rows) == lines and all(s and r for s, r in rows[:50])
+
+
+def test_unknown_test_set_directions_are_clear_errors():
+    with pytest.raises(KeyError, match="wmt has no direction en-zh"):
+        evaluation_set(None, "wmt", "en", "zh")
+    with pytest.raises(KeyError, match="unknown test set"):
+        evaluation_set(None, "newstest", "en", "de")
+
+
+@pytest.mark.parametrize("text,code", [
+    ("The committee will meet again on Thursday to discuss the budget.", "en"),
+    ("Der Ausschuss wird sich am Donnerstag erneut treffen, um den Haushalt zu besprechen.", "de"),
+    ("Le comité se réunira de nouveau jeudi pour discuter du budget.", "fr"),
+    ("Il comitato si riunirà di nuovo giovedì per discutere il bilancio.", "it"),
+    ("ستجتمع اللجنة مرة أخرى يوم الخميس لمناقشة الميزانية.", "ar"),
+    ("委员会将于周四再次开会讨论预算。", "zh"),
+])
+def test_language_check(text, code):
+    assert langid.detect(text) == code
+
+
+def test_off_target_rate_and_scores():
+    outputs = ["Der Hund schläft im Haus.", "The dog is asleep in the house.", "12345"]
+    assert langid.off_target_rate(outputs, "de") == pytest.approx(1 / 3)
+    result = score(["Der Hund schläft."], ["Der Hund schläft."], "de")
+    assert result["bleu"] == pytest.approx(100.0) and result["chrf"] == pytest.approx(100.0)
+    assert "tok:13a" in result["bleu_signature"]
+    assert "tok:zh" in score(["狗在睡觉。"], ["狗在睡觉。"], "zh")["bleu_signature"]
+
+
+def test_evaluate_cli_on_a_smoke_artifact(tmp_path, capsys):
+    run_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output", str(tmp_path / "run")])
+    out = tmp_path / "eval.json"
+    evaluate_main(["--artifact", str(tmp_path / "run" / "artifact"), "--model", str(tmp_path / "run" / "base_model"),
+                   "--testset", "flores", "--directions", "en-de,zh-en", "--limit", "2", "--output", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results) == {"en-de", "zh-en"} and results["en-de"]["sentences"] == 2
+    assert "| **mean** |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        evaluate_main(["--artifact", str(tmp_path / "run" / "artifact"), "--model",
+                       str(tmp_path / "run" / "base_model"), "--directions", "en-xx"])
+    assert "not servable" in capsys.readouterr().err
