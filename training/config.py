@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Method = Literal["zero_shot", "few_shot", "full", "lora", "layers", "ls", "lg", "landermt"]
+METHODS: tuple[str, ...] = Method.__args__
 FINETUNED: tuple[str, ...] = ("full", "lora", "layers", "ls", "lg", "landermt")
 NEURON_METHODS: tuple[str, ...] = ("layers", "ls", "lg", "landermt")  # need detect/score/partition
 

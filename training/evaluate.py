@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from landermt.artifact import load_artifact
+from landermt.generate import greedy
 from landermt.models import load_model
 from landermt.prompts import render_prompt, text_example
-from landermt.routing import route
 from landermt.score import summed_token_loss
 from training import langid
 from training.data import TESTSETS, evaluation_set
@@ -33,29 +33,19 @@ def few_shot_prefix(template: str, source_lang: str, target_lang: str, shots: li
     return "".join(f"{render_prompt(template, source_lang, target_lang, s)} {t}\n\n" for s, t in shots)
 
 
-@torch.no_grad()
 def translate(model, tokenizer, template: str, source_lang: str, target_lang: str, sources: list[str],
               pair_id: int | None = None, batch_size: int = 16, max_new_tokens: int = 256,
               shots: list[tuple[str, str]] = (), desc: str | None = None) -> list[str]:
-    """Greedy, batched, left-padded; each output is cut at its first newline (one line in, one out)."""
+    """Greedy, batched (landermt.generate), at most 2 × source tokens + 16 new tokens per batch."""
     prefix = few_shot_prefix(template, source_lang, target_lang, list(shots))
-    prompts = [prefix + render_prompt(template, source_lang, target_lang, s) for s in sources]
-    tokenizer.padding_side = "left"
     outputs = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc or f"translate {source_lang}-{target_lang}",
+    for start in tqdm(range(0, len(sources), batch_size), desc=desc or f"translate {source_lang}-{target_lang}",
                       unit="batch", leave=False):
-        chunk = prompts[start : start + batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True)
-        source_tokens = max(len(tokenizer(s, add_special_tokens=False).input_ids)
-                            for s in sources[start : start + batch_size])
-        limit = min(max_new_tokens, 2 * source_tokens + 16)
-        ids = None if pair_id is None else torch.full((len(chunk),), pair_id)
-        with route(ids):
-            generated = model.generate(**enc, max_new_tokens=limit, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for row in generated[:, enc["input_ids"].shape[1]:]:
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            outputs.append(text.strip().split("\n", 1)[0].strip())
+        chunk = sources[start : start + batch_size]
+        prompts = [prefix + render_prompt(template, source_lang, target_lang, s) for s in chunk]
+        longest = max(len(tokenizer(s, add_special_tokens=False).input_ids) for s in chunk)
+        ids = None if pair_id is None else [pair_id] * len(chunk)
+        outputs += greedy(model, tokenizer, prompts, ids, min(max_new_tokens, 2 * longest + 16))
     return outputs
 
 

@@ -34,7 +34,7 @@ from landermt.families import family_of
 from landermt.models import load_model, weights_sha256
 from landermt.prompts import DEFAULT_TEMPLATE, translation_example
 from training import data as train_data
-from training.config import FINETUNED, NEURON_METHODS, ConfigError, RunConfig, load_config
+from training.config import FINETUNED, METHODS, NEURON_METHODS, ConfigError, RunConfig, load_config
 from training.evaluate import evaluate_directions, markdown_table, perplexity
 from training.finetune import CHECKPOINT, Trainer, world
 from training.methods import prepare
@@ -243,11 +243,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
     parser.add_argument("--output", default=None, help="output directory (default: runs/NAME-METHOD)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted finetuning run")
+    parser.add_argument("--method", choices=METHODS, help="override method.name (baselines, ablations)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
     except ConfigError as e:
         parser.exit(2, f"error: {e}\n")
+    if args.method:
+        config = config.model_copy(update={"method": config.method.model_copy(update={"name": args.method})})
     output = Path(args.output or f"runs/{config.name}-{config.method.name}")
     output.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun

@@ -1,0 +1,1 @@
+"""The LANDeRMT translation server: one base model, per-request routed language pairs."""

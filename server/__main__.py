@@ -1,0 +1,20 @@
+"""python -m server --artifact DIR [--model DIR] [--host H] [--port P] ... (or LANDERMT_* variables)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from server.app import create_app
+from server.engine import Engine
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings.from_args(argv)
+    engine = Engine.load(settings, Metrics())
+    uvicorn.run(create_app(engine), host=settings.host, port=settings.port, timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The HTTP API (FastAPI): /translate (LibreTranslate-compatible), /languages, /health, /ready, /metrics."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server import schemas
+from server.engine import Engine, RequestError
+from server.languages import normalise
+
+
+def create_app(engine: Engine) -> FastAPI:
+    metrics = engine.metrics
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await engine.stop()  # graceful: queued rows finish before the process exits
+
+    app = FastAPI(title="LANDeRMT", version="0.1.0", lifespan=lifespan,
+                  description="Machine translation with language-aware routed neurons (one base model).")
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        metrics.inflight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            metrics.inflight.dec()
+        endpoint = request.scope.get("route").path if request.scope.get("route") else "unmatched"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, error: RequestError) -> JSONResponse:
+        body = schemas.ErrorBody(error=str(error), supported=error.supported)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=error.status)
+
+    @app.post("/translate", response_model=schemas.TranslateResponse,
+              responses={400: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}})
+    async def translate(body: schemas.TranslateRequest) -> schemas.TranslateResponse:
+        started = time.monotonic()
+        texts = [body.q] if isinstance(body.q, str) else body.q
+        outputs = await engine.translate(texts, normalise(body.source), normalise(body.target))
+        metrics.request_seconds.observe(time.monotonic() - started)
+        return schemas.TranslateResponse(translatedText=outputs[0] if isinstance(body.q, str) else outputs)
+
+    @app.get("/languages", response_model=list[schemas.Language])
+    async def languages() -> list[schemas.Language]:
+        return [schemas.Language(**entry) for entry in engine.language_list()]
+
+    @app.get("/health", response_model=schemas.Health)
+    async def health() -> schemas.Health:
+        artifact = engine.artifact
+        return schemas.Health(
+            status="ok", model=engine.model_name, artifact=engine.settings.artifact, routing=artifact is not None,
+            mode="routed LANDeRMT pairs" if artifact else "base model, few-shot prompting (no artifact)",
+            layers=artifact.manifest.layers if artifact else [], languages=engine.languages)
+
+    @app.get("/ready", response_model=schemas.Ready)
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": engine.ready}, status_code=200 if engine.ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

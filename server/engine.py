@@ -1,0 +1,187 @@
+"""The torch engine: one base model, rows of different language pairs batched into one forward.
+
+Requests are split into rows (one per text) and queued. A scheduler task takes the first waiting
+row, gathers more rows of *any* pair for up to `max_wait_ms` or until `max_batch_size`, and runs
+the batch's greedy generation on a dedicated worker thread with per-row pair ids
+(landermt.routing), so no request waits for another pair's batch. Each row's result resolves its
+future; a request returns when all of its rows are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from landermt.artifact import Artifact, load_artifact
+from landermt.generate import greedy
+from landermt.models import load_model
+from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, render_prompt
+from server.metrics import Metrics
+from server.settings import Settings
+
+# Worked examples for serving the base model without an artifact (few-shot prompting).
+FEW_SHOT = {
+    "en": ("The weather is nice today.", "Where is the train station?"),
+    "de": ("Das Wetter ist heute schön.", "Wo ist der Bahnhof?"),
+    "fr": ("Il fait beau aujourd'hui.", "Où est la gare ?"),
+    "it": ("Oggi il tempo è bello.", "Dov'è la stazione ferroviaria?"),
+    "ar": ("الطقس جميل اليوم.", "أين محطة القطار؟"),
+    "zh": ("今天天气很好。", "火车站在哪里？"),
+    "es": ("Hoy hace buen tiempo.", "¿Dónde está la estación de tren?"),
+}
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve; `status` is the HTTP code, `supported` the known languages."""
+
+    def __init__(self, message: str, status: int = 400, supported: list[str] | None = None):
+        super().__init__(message)
+        self.status, self.supported = status, supported
+
+
+@dataclass
+class Row:
+    prompt: str
+    pair_id: int | None
+    pair: str
+    max_new_tokens: int
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, artifact: Artifact | None, settings: Settings, metrics: Metrics,
+                 model_name: str = ""):
+        self.model, self.tokenizer, self.artifact = model, tokenizer, artifact
+        self.settings, self.metrics, self.model_name = settings, metrics, model_name
+        self.languages = list(artifact.manifest.languages) if artifact else sorted(FEW_SHOT)
+        self.template = artifact.manifest.prompt_template if artifact else DEFAULT_TEMPLATE
+        self.queue: asyncio.Queue[Row] = asyncio.Queue()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
+        self.scheduler: asyncio.Task | None = None
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Metrics) -> Engine:
+        artifact = load_artifact(settings.artifact) if settings.artifact else None
+        dtype = settings.dtype
+        if artifact is not None:
+            dtype = artifact.manifest.created.get("dtype", f"torch.{dtype}").removeprefix("torch.")
+        model, tokenizer = load_model(settings.model, getattr(torch, dtype))
+        if artifact is not None:
+            artifact.apply(model)
+        return cls(model, tokenizer, artifact, settings, metrics, settings.model or "gemma-3-270m (default)")
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+    async def stop(self) -> None:
+        """Finish every queued row, then stop."""
+        while not self.queue.empty():
+            await asyncio.sleep(0.01)
+        if self.scheduler:
+            self.scheduler.cancel()
+        self.worker.shutdown(wait=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None and not self.scheduler.done()
+
+    # --- requests ------------------------------------------------------------------------------
+    def check_pair(self, source: str, target: str) -> None:
+        for code in (source, target):
+            if code not in self.languages:
+                raise RequestError(f"unsupported language {code!r}", 400, self.languages)
+        if source == target:
+            raise RequestError(f"source and target are the same language ({source!r})", 400)
+
+    def prompt(self, source: str, target: str, text: str) -> str:
+        if self.artifact is not None:
+            return render_prompt(self.template, source, target, text)
+        shots = "".join(f"{render_prompt(self.template, source, target, s)} {t}\n\n"
+                        for s, t in zip(FEW_SHOT[source], FEW_SHOT[target], strict=True))
+        return shots + render_prompt(self.template, source, target, text)
+
+    async def translate(self, texts: list[str], source: str, target: str) -> list[str]:
+        self.check_pair(source, target)
+        s = self.settings
+        if not texts:
+            raise RequestError("no text to translate", 400)
+        if len(texts) > s.max_texts:
+            raise RequestError(f"{len(texts)} texts in one request; the limit is {s.max_texts}", 413)
+        lengths = []
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise RequestError(f"text {index} is empty", 400)
+            if len(text) > s.max_chars:
+                raise RequestError(f"text {index} has {len(text)} characters; the limit is {s.max_chars}", 413)
+            lengths.append(len(self.tokenizer(text, add_special_tokens=False).input_ids))
+            if lengths[-1] > s.max_tokens:
+                raise RequestError(f"text {index} has {lengths[-1]} tokens; the limit is {s.max_tokens}", 413)
+        pair_id = self.artifact.partition.pair_id(source, target) if self.artifact else None
+        loop = asyncio.get_running_loop()
+        rows = [Row(self.prompt(source, target, text), pair_id, f"{source}-{target}",
+                    min(s.max_new_tokens, 2 * n + 16), loop.create_future()) for text, n in zip(texts, lengths,
+                                                                                                strict=True)]
+        for row in rows:
+            self.queue.put_nowait(row)
+        self.metrics.queued.set(self.queue.qsize())
+        return list(await asyncio.gather(*(row.future for row in rows)))
+
+    # --- scheduling ----------------------------------------------------------------------------
+    async def _next_batch(self) -> list[Row]:
+        batch = [await self.queue.get()]
+        deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+        while len(batch) < self.settings.max_batch_size:
+            try:
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            self.metrics.queued.set(self.queue.qsize())
+            started = time.monotonic()
+            for row in batch:
+                self.metrics.queue_seconds.observe(started - row.queued_at)
+            self.metrics.batch_size.observe(len(batch))
+            try:
+                outputs = await loop.run_in_executor(self.worker, self._generate, batch)
+            except Exception as error:  # a failed batch fails its rows, not the server
+                for row in batch:
+                    if not row.future.done():
+                        row.future.set_exception(error)
+                continue
+            self.metrics.batch_seconds.observe(time.monotonic() - started)
+            for row, text in zip(batch, outputs, strict=True):
+                self.metrics.translations.labels(row.pair).inc()
+                self.metrics.generated_tokens.labels(row.pair).inc(
+                    len(self.tokenizer(text, add_special_tokens=False).input_ids))
+                if not row.future.done():  # the client may have gone away
+                    row.future.set_result(text)
+
+    def _generate(self, batch: list[Row]) -> list[str]:
+        pair_ids = None if self.artifact is None else [row.pair_id for row in batch]
+        for row in batch:
+            self.metrics.input_tokens.labels(row.pair).inc(len(self.tokenizer(row.prompt).input_ids))
+        return greedy(self.model, self.tokenizer, [row.prompt for row in batch], pair_ids,
+                      max(row.max_new_tokens for row in batch))
+
+    def language_list(self) -> list[dict]:
+        return [{"code": code, "name": LANGUAGE_NAMES.get(code, code),
+                 "targets": [t for t in self.languages if t != code]} for code in self.languages]

@@ -1,0 +1,43 @@
+"""HTTP request and response schemas (LibreTranslate-compatible /translate)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class TranslateRequest(BaseModel):
+    q: str | list[str] = Field(description="text, or a list of texts")
+    source: str = Field(description="source language tag, e.g. en, de-DE, zh-Hans")
+    target: str = Field(description="target language tag")
+    format: Literal["text"] = "text"
+
+
+class TranslateResponse(BaseModel):
+    translatedText: str | list[str]  # noqa: N815  (LibreTranslate's field name)
+
+
+class Language(BaseModel):
+    code: str
+    name: str
+    targets: list[str]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    artifact: str | None
+    routing: bool
+    mode: str
+    layers: list[int]
+    languages: list[str]
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ErrorBody(BaseModel):
+    error: str
+    supported: list[str] | None = None

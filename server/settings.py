@@ -1,0 +1,45 @@
+"""Server settings: defaults, overridden by LANDERMT_* environment variables, overridden by flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    artifact: str | None = None  # artifact directory; None serves the base model with few-shot prompts
+    model: str | None = None  # base model directory; None: the default Gemma 3 270M
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "torch"
+    dtype: str = "bfloat16"
+    max_batch_size: int = 16  # rows (texts) per forward
+    max_wait_ms: float = 5.0  # how long a batch waits to fill once its first row is queued
+    max_texts: int = 64  # texts per request
+    max_chars: int = 5000  # characters per text
+    max_tokens: int = 512  # tokens per text
+    max_new_tokens: int = 256  # cap on generated tokens (also ≤ 2 × source tokens + 16)
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> Settings:
+        parser = argparse.ArgumentParser(prog="python -m server", description="LANDeRMT translation server. "
+                                         "Every flag can also be set as LANDERMT_<NAME> (e.g. LANDERMT_PORT).")
+        for f in fields(cls):
+            env = os.environ.get(f"LANDERMT_{f.name.upper()}")
+            default = f.default if env is None else _parse(f.type, env)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
+                                type=lambda v, t=f.type: _parse(t, v), help=f"(default: {default})")
+        args = parser.parse_args(argv)
+        if args.backend != "torch":
+            parser.error(f"backend {args.backend!r} is not available; choose: torch")
+        return cls(**vars(args))
+
+
+def _parse(kind: str, value: str):
+    if "int" in kind:
+        return int(value)
+    if "float" in kind:
+        return float(value)
+    return value or None if "None" in kind else value

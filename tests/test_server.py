@@ -1,0 +1,147 @@
+"""The HTTP server for real: uvicorn on a loopback port, httpx clients, the smoke-preset artifact."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from server.app import create_app
+from server.engine import Engine
+from server.languages import normalise
+from server.metrics import Metrics
+from server.settings import Settings
+from training.run import main as run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = {"en": "The weather is nice today.", "de": "Das Wetter ist heute schön.", "fr": "Il fait beau aujourd'hui.",
+         "zh": "今天天气很好。", "ar": "الطقس جميل اليوم.", "it": "Oggi il tempo è bello."}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke")
+    run_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(smoke_run):
+    settings = Settings(artifact=str(smoke_run / "artifact"), model=str(smoke_run / "base_model"), port=free_port(),
+                        max_batch_size=8, max_wait_ms=20, max_texts=4, max_chars=200, max_new_tokens=12)
+    engine = Engine.load(settings, Metrics())
+    config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=settings.port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not instance.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{settings.port}"
+    instance.should_exit = True
+    thread.join(timeout=30)
+
+
+def translate(base: str, q, source: str, target: str) -> httpx.Response:
+    return httpx.post(f"{base}/translate", json={"q": q, "source": source, "target": target}, timeout=60)
+
+
+def test_translate_text_and_list(server):
+    one = translate(server, TEXTS["en"], "en", "de")
+    assert one.status_code == 200 and isinstance(one.json()["translatedText"], str)
+    many = translate(server, [TEXTS["en"], "Where is the station?"], "en", "fr")
+    assert many.status_code == 200 and len(many.json()["translatedText"]) == 2
+
+
+def test_mixed_pairs_concurrently_equal_each_pair_alone(server):
+    pairs = [("en", "de"), ("de", "en"), ("fr", "zh"), ("zh", "ar"), ("it", "en"), ("en", "ar")]
+    alone = {pair: translate(server, TEXTS[pair[0]], *pair).json()["translatedText"] for pair in pairs}
+
+    async def together():
+        async with httpx.AsyncClient(timeout=60) as client:
+            responses = await asyncio.gather(*(client.post(f"{server}/translate", json={
+                "q": TEXTS[s], "source": s, "target": t}) for s, t in pairs))
+        return {pair: r.json()["translatedText"] for pair, r in zip(pairs, responses, strict=True)}
+
+    before = httpx.get(f"{server}/metrics").text
+    assert asyncio.run(together()) == alone
+    after = httpx.get(f"{server}/metrics").text
+    rows = metric(after, "landermt_batch_size_sum") - metric(before, "landermt_batch_size_sum")
+    batches = metric(after, "landermt_batch_size_count") - metric(before, "landermt_batch_size_count")
+    assert rows == len(pairs) and batches < len(pairs)  # different pairs really shared a forward
+
+
+def test_languages_health_ready(server):
+    languages = httpx.get(f"{server}/languages").json()
+    assert {entry["code"] for entry in languages} == {"en", "ar", "de", "fr", "it", "zh"}
+    assert all(entry["code"] not in entry["targets"] and len(entry["targets"]) == 5 for entry in languages)
+    health = httpx.get(f"{server}/health").json()
+    assert health["routing"] is True and len(health["layers"]) == 2
+    assert httpx.get(f"{server}/ready").json() == {"ready": True}
+    assert "/translate" in httpx.get(f"{server}/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"q": "Hallo", "source": "xx", "target": "en"}, 400, "unsupported language 'xx'"),
+    ({"q": "Hello", "source": "en", "target": "ja"}, 400, "unsupported language 'ja'"),
+    ({"q": "Hello", "source": "en", "target": "en-GB"}, 400, "same language"),
+    ({"q": "   ", "source": "en", "target": "de"}, 400, "text 0 is empty"),
+    ({"q": [], "source": "en", "target": "de"}, 400, "no text"),
+    ({"q": "x" * 201, "source": "en", "target": "de"}, 413, "201 characters; the limit is 200"),
+    ({"q": ["a b"] * 5, "source": "en", "target": "de"}, 413, "5 texts in one request; the limit is 4"),
+    ({"q": "Hello", "source": "en"}, 422, "body.target: Field required"),
+    ({"q": 5, "source": "en", "target": "de"}, 422, "invalid request"),
+])
+def test_bad_input_gets_a_clear_error(server, body, status, message):
+    response = httpx.post(f"{server}/translate", json=body)
+    assert response.status_code == status
+    assert message in response.json()["error"]
+    if "unsupported" in message:
+        assert response.json()["supported"] == ["en", "ar", "de", "fr", "it", "zh"]
+
+
+def test_malformed_json_is_422(server):
+    response = httpx.post(f"{server}/translate", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "invalid request" in response.json()["error"]
+
+
+def test_bcp47_tags_are_normalised(server):
+    assert [normalise(t) for t in ("de-DE", "zh-Hans", "zh_CN", "EN", "pt-BR", "ara")] == ["de", "zh", "zh", "en",
+                                                                                           "pt", "ar"]
+    assert translate(server, TEXTS["de"], "de-DE", "zh-Hans").json()["translatedText"] == translate(
+        server, TEXTS["de"], "de", "zh").json()["translatedText"]
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_metrics_count_traffic(server):
+    before = httpx.get(f"{server}/metrics").text
+    for _ in range(3):
+        translate(server, TEXTS["fr"], "fr", "it")
+    translate(server, TEXTS["fr"], "fr", "xx")
+    after = httpx.get(f"{server}/metrics").text
+    ok = 'landermt_http_requests_total{endpoint="/translate",status="200"}'
+    bad = 'landermt_http_requests_total{endpoint="/translate",status="400"}'
+    assert metric(after, ok) - metric(before, ok) == 3
+    assert metric(after, bad) - metric(before, bad) == 1
+    pair = 'landermt_translations_total{pair="fr-it"}'
+    assert metric(after, pair) - metric(before, pair) == 3
+    assert metric(after, "landermt_batch_size_count") > metric(before, "landermt_batch_size_count")
+    assert metric(after, "landermt_generated_tokens_total") > 0
+    assert TEXTS["fr"] not in after  # no request text in metrics
