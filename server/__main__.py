@@ -6,6 +6,7 @@ import uvicorn
 
 from server.app import create_app
 from server.engine import Engine
+from server.jobs import JobStore
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -13,7 +14,8 @@ from server.settings import Settings
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     engine = Engine.load(settings, Metrics())
-    uvicorn.run(create_app(engine), host=settings.host, port=settings.port, timeout_graceful_shutdown=30)
+    app = create_app(engine, JobStore(settings.jobs_db))
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=30)
 
 
 if __name__ == "__main__":

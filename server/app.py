@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 
@@ -12,17 +14,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import schemas
 from server.engine import Engine, RequestError
+from server.jobs import JOB_STATUSES, JobInputError, JobStore, parse_lines
 from server.languages import normalise
+from server.runner import JobRunner
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, store: JobStore) -> FastAPI:
     metrics = engine.metrics
+    runner = JobRunner(store, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        runner.start()
         yield
+        await runner.stop()  # unrecorded job lines stay pending in SQLite and resume on restart
         await engine.stop()  # graceful: queued rows finish before the process exits
+        store.close()
 
     app = FastAPI(title="LANDeRMT", version="0.1.0", lifespan=lifespan,
                   description="Machine translation with language-aware routed neurons (one base model).")
@@ -75,6 +83,54 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        counts = store.counts_by_status()
+        for status in JOB_STATUSES:
+            metrics.jobs.labels(status).set(counts.get(status, 0))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/jobs", status_code=201, response_model=schemas.JobStatus,
+              responses={400: {"model": schemas.ErrorBody}})
+    async def create_job(request: Request) -> schemas.JobStatus:
+        """Body: JSONL as application/x-ndjson, or a multipart upload with field `file`.
+        Each line: {"id", "text", "source", "target"}."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise RequestError("multipart upload needs a file field named 'file'", 400)
+            body = await upload.read()
+        else:
+            body = await request.body()
+        try:
+            lines = parse_lines(body, engine.line_problem, engine.settings.max_job_lines)
+        except JobInputError as error:
+            raise RequestError(f"job rejected: {error}", 400) from None
+        job = await asyncio.to_thread(store.create, lines)
+        runner.notify()
+        return schemas.JobStatus(**store.status(job))
+
+    def job_status(job: str) -> dict:
+        status = store.status(job)
+        if status is None:
+            raise RequestError(f"no job {job!r}", 404)
+        return status
+
+    @app.get("/jobs/{job}", response_model=schemas.JobStatus, responses={404: {"model": schemas.ErrorBody}})
+    async def get_job(job: str) -> schemas.JobStatus:
+        return schemas.JobStatus(**job_status(job))
+
+    @app.get("/jobs/{job}/results", responses={404: {"model": schemas.ErrorBody}})
+    async def job_results(job: str) -> Response:
+        """JSONL in input order: {"id", "translation"}, {"id", "error"}, or {"id", "status": "pending"}."""
+        job_status(job)
+        lines = await asyncio.to_thread(store.results, job)
+        body = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        return Response(body, media_type="application/x-ndjson")
+
+    @app.post("/jobs/{job}/cancel", response_model=schemas.JobStatus, responses={404: {"model": schemas.ErrorBody}})
+    async def cancel_job(job: str) -> schemas.JobStatus:
+        job_status(job)
+        store.cancel(job)
+        return schemas.JobStatus(**job_status(job))
 
     return app

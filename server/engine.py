@@ -10,6 +10,7 @@ future; a request returns when all of its rows are done.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from landermt.artifact import Artifact, load_artifact
 from landermt.generate import greedy
 from landermt.models import load_model
 from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, render_prompt
+from server.languages import normalise
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -43,14 +45,19 @@ class RequestError(ValueError):
         self.status, self.supported = status, supported
 
 
-@dataclass
+INTERACTIVE, BACKGROUND = 0, 1  # queue priorities: interactive requests go before job lines
+
+
+@dataclass(order=True)
 class Row:
-    prompt: str
-    pair_id: int | None
-    pair: str
-    max_new_tokens: int
-    future: asyncio.Future
-    queued_at: float = field(default_factory=time.monotonic)
+    priority: int
+    sequence: int
+    prompt: str = field(compare=False)
+    pair_id: int | None = field(compare=False)
+    pair: str = field(compare=False)
+    max_new_tokens: int = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    queued_at: float = field(default_factory=time.monotonic, compare=False)
 
 
 class Engine:
@@ -60,7 +67,8 @@ class Engine:
         self.settings, self.metrics, self.model_name = settings, metrics, model_name
         self.languages = list(artifact.manifest.languages) if artifact else sorted(FEW_SHOT)
         self.template = artifact.manifest.prompt_template if artifact else DEFAULT_TEMPLATE
-        self.queue: asyncio.Queue[Row] = asyncio.Queue()
+        self.queue: asyncio.PriorityQueue[Row] = asyncio.PriorityQueue()
+        self.sequence = itertools.count()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
         self.scheduler: asyncio.Task | None = None
 
@@ -106,8 +114,8 @@ class Engine:
                         for s, t in zip(FEW_SHOT[source], FEW_SHOT[target], strict=True))
         return shots + render_prompt(self.template, source, target, text)
 
-    async def translate(self, texts: list[str], source: str, target: str) -> list[str]:
-        self.check_pair(source, target)
+    def check_texts(self, texts: list[str]) -> list[int]:
+        """Token counts of `texts`; raises RequestError for empty, too many or too long texts."""
         s = self.settings
         if not texts:
             raise RequestError("no text to translate", 400)
@@ -122,11 +130,26 @@ class Engine:
             lengths.append(len(self.tokenizer(text, add_special_tokens=False).input_ids))
             if lengths[-1] > s.max_tokens:
                 raise RequestError(f"text {index} has {lengths[-1]} tokens; the limit is {s.max_tokens}", 413)
+        return lengths
+
+    def line_problem(self, text: str, source: str, target: str) -> str | None:
+        """Why a job line cannot be translated, or None (tags are normalised first)."""
+        try:
+            self.check_pair(normalise(source), normalise(target))
+            self.check_texts([text])
+        except RequestError as error:
+            return str(error).replace("text 0 ", "text ")
+        return None
+
+    async def translate(self, texts: list[str], source: str, target: str, priority: int = INTERACTIVE) -> list[str]:
+        self.check_pair(source, target)
+        lengths = self.check_texts(texts)
+        s = self.settings
         pair_id = self.artifact.partition.pair_id(source, target) if self.artifact else None
         loop = asyncio.get_running_loop()
-        rows = [Row(self.prompt(source, target, text), pair_id, f"{source}-{target}",
-                    min(s.max_new_tokens, 2 * n + 16), loop.create_future()) for text, n in zip(texts, lengths,
-                                                                                                strict=True)]
+        rows = [Row(priority, next(self.sequence), self.prompt(source, target, text), pair_id, f"{source}-{target}",
+                    min(s.max_new_tokens, 2 * n + 16), loop.create_future())
+                for text, n in zip(texts, lengths, strict=True)]
         for row in rows:
             self.queue.put_nowait(row)
         self.metrics.queued.set(self.queue.qsize())

@@ -29,3 +29,5 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.inflight = Gauge("landermt_inflight_requests", "Requests being handled", registry=r)
         self.queued = Gauge("landermt_queued_texts", "Texts waiting for a batch", registry=r)
+        self.jobs = Gauge("landermt_jobs", "Batch jobs by status", ["status"], registry=r)
+        self.job_lines = Counter("landermt_job_lines", "Job lines processed, by outcome", ["outcome"], registry=r)

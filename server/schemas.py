@@ -41,3 +41,18 @@ class Ready(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     supported: list[str] | None = None
+
+
+class JobCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    counts: JobCounts
+    created: float
+    updated: float
+    error: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Settings:
     max_chars: int = 5000  # characters per text
     max_tokens: int = 512  # tokens per text
     max_new_tokens: int = 256  # cap on generated tokens (also ≤ 2 × source tokens + 16)
+    jobs_db: str = str(Path.home() / ".local" / "share" / "landermt" / "jobs.sqlite3")
+    max_job_lines: int = 100_000
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:

@@ -14,6 +14,7 @@ import uvicorn
 
 from server.app import create_app
 from server.engine import Engine
+from server.jobs import JobStore
 from server.languages import normalise
 from server.metrics import Metrics
 from server.settings import Settings
@@ -38,11 +39,12 @@ def smoke_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(smoke_run):
+def server(smoke_run, tmp_path_factory):
     settings = Settings(artifact=str(smoke_run / "artifact"), model=str(smoke_run / "base_model"), port=free_port(),
                         max_batch_size=8, max_wait_ms=20, max_texts=4, max_chars=200, max_new_tokens=12)
     engine = Engine.load(settings, Metrics())
-    config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=settings.port, log_level="warning")
+    store = JobStore(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3")
+    config = uvicorn.Config(create_app(engine, store), host="127.0.0.1", port=settings.port, log_level="warning")
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
