@@ -1,9 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv, convert the default model (first run only), detect + score + partition on the
-# shared data, and show the resulting artifact with its plots.
+# Set up .venv, convert the default model (first run only) and start the translation server on
+# http://127.0.0.1:8000. With LANDERMT_ARTIFACT=DIR (or --artifact DIR) it serves that artifact's
+# routed language pairs; without one, the base model with few-shot prompts. Flags pass through.
 source "$(dirname "$0")/env.sh"
-ARTIFACT=${LANDERMT_ARTIFACT:-artifacts/gemma3-270m-base}
-if [ ! -f "$ARTIFACT/manifest.json" ]; then
-  python -m landermt.build --output "$ARTIFACT" "$@"
-fi
-python -m landermt.inspect "$ARTIFACT" --plot "$ARTIFACT/plots"
+exec python -m server "$@"
