@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from landermt.artifact import Artifact, load_artifact
-from landermt.generate import greedy
+from landermt.generate import greedy, stop_token_ids
 from landermt.models import load_model
 from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, render_prompt
 from server.languages import normalise
@@ -71,6 +71,7 @@ class Engine:
         self.sequence = itertools.count()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
         self.scheduler: asyncio.Task | None = None
+        stop_token_ids(tokenizer)  # scans the vocabulary once, here rather than in the first request
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Engine:
