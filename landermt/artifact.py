@@ -105,6 +105,11 @@ class Artifact:
     partition: Partition
     ffn: dict[str, torch.Tensor] | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the artifact was built in: its base weights hash is of the model in this dtype."""
+        return getattr(torch, self.manifest.created.get("dtype", "torch.bfloat16").removeprefix("torch."))
+
     def apply(self, model: nn.Module, verify_base: bool = True) -> list[RoutedFFN]:
         """Check the base model, load trained FFN weights if any, patch the selected layers."""
         family = family_of(model)

@@ -34,6 +34,11 @@ def render_prompt(template: str, source_lang: str, target_lang: str, source: str
     )
 
 
+def few_shot_prefix(template: str, source_lang: str, target_lang: str, shots: list[tuple[str, str]]) -> str:
+    """Worked examples, each the template followed by its reference, separated by blank lines."""
+    return "".join(f"{render_prompt(template, source_lang, target_lang, s)} {t}\n\n" for s, t in shots)
+
+
 @dataclass(frozen=True)
 class Example:
     """Token ids and labels (IGNORE where no loss is taken) of one sequence."""

@@ -20,7 +20,7 @@ import torch
 from landermt.artifact import Artifact, load_artifact
 from landermt.generate import greedy, stop_token_ids
 from landermt.models import load_model
-from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, render_prompt
+from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, few_shot_prefix, render_prompt
 from server.languages import normalise
 from server.metrics import Metrics
 from server.settings import Settings
@@ -76,10 +76,7 @@ class Engine:
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Engine:
         artifact = load_artifact(settings.artifact) if settings.artifact else None
-        dtype = settings.dtype
-        if artifact is not None:
-            dtype = artifact.manifest.created.get("dtype", f"torch.{dtype}").removeprefix("torch.")
-        model, tokenizer = load_model(settings.model, getattr(torch, dtype))
+        model, tokenizer = load_model(settings.model, artifact.dtype if artifact else getattr(torch, settings.dtype))
         if artifact is not None:
             artifact.apply(model)
         return cls(model, tokenizer, artifact, settings, metrics, settings.model or "gemma-3-270m (default)")
@@ -109,11 +106,9 @@ class Engine:
             raise RequestError(f"source and target are the same language ({source!r})", 400)
 
     def prompt(self, source: str, target: str, text: str) -> str:
-        if self.artifact is not None:
-            return render_prompt(self.template, source, target, text)
-        shots = "".join(f"{render_prompt(self.template, source, target, s)} {t}\n\n"
-                        for s, t in zip(FEW_SHOT[source], FEW_SHOT[target], strict=True))
-        return shots + render_prompt(self.template, source, target, text)
+        shots = [] if self.artifact else list(zip(FEW_SHOT[source], FEW_SHOT[target], strict=True))
+        prefix = few_shot_prefix(self.template, source, target, shots)
+        return prefix + render_prompt(self.template, source, target, text)
 
     def check_texts(self, texts: list[str]) -> list[int]:
         """Token counts of `texts`; raises RequestError for empty, too many or too long texts."""

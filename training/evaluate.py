@@ -22,15 +22,10 @@ from tqdm import tqdm
 from landermt.artifact import load_artifact
 from landermt.generate import greedy
 from landermt.models import load_model
-from landermt.prompts import render_prompt, text_example
+from landermt.prompts import IGNORE, batches, few_shot_prefix, render_prompt, text_example
 from landermt.score import summed_token_loss
 from training import langid
 from training.data import TESTSETS, evaluation_set
-
-
-def few_shot_prefix(template: str, source_lang: str, target_lang: str, shots: list[tuple[str, str]]) -> str:
-    """Worked examples, each the template followed by its reference, separated by blank lines."""
-    return "".join(f"{render_prompt(template, source_lang, target_lang, s)} {t}\n\n" for s, t in shots)
 
 
 def translate(model, tokenizer, template: str, source_lang: str, target_lang: str, sources: list[str],
@@ -61,14 +56,12 @@ def score(hypotheses: list[str], references: list[str], target_lang: str) -> dic
 @torch.no_grad()
 def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16) -> float:
     """exp(mean token NLL) of plain text through the base path (no routing)."""
-    from landermt.prompts import batches
-
     examples = [text_example(tokenizer, line, 256) for line in lines]
     total, tokens = 0.0, 0
     for batch in batches(examples, batch_size, tokenizer.pad_token_id):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total += summed_token_loss(logits, batch["labels"]).item()
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
+        tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
     return math.exp(total / max(tokens, 1))
 
 
@@ -112,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     artifact = load_artifact(args.artifact)
-    dtype = artifact.manifest.created.get("dtype", "torch.bfloat16").removeprefix("torch.")
-    model, tokenizer = load_model(args.model, getattr(torch, dtype))  # the dtype the artifact was built in
+    model, tokenizer = load_model(args.model, artifact.dtype)
     artifact.apply(model)
     m = artifact.manifest
     directions = args.directions.split(",") if args.directions else m.directions
