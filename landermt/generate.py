@@ -8,6 +8,7 @@ with another prompt); the batch stops when every row has stopped or at `max_new_
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -25,14 +26,26 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(_stop_ids(tokenizer))
 
 
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    new_tokens: int  # up to and including the token that stopped the row
+
+
 @torch.no_grad()
-def greedy(model, tokenizer, prompts: list[str], pair_ids: list[int] | None, max_new_tokens: int) -> list[str]:
+def greedy(model, tokenizer, prompts: list[str], pair_ids: list[int] | None, max_new_tokens: int) -> list[Generation]:
     """Translate `prompts` in one batch; row r runs with pair id `pair_ids[r]` (None: base model)."""
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     ids = None if pair_ids is None else torch.tensor(pair_ids)
+    stops = stop_token_ids(tokenizer)
     with route(ids):
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [text.strip().split("\n", 1)[0].strip() for text in texts]
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                pad_token_id=tokenizer.pad_token_id)
+    generated = output[:, encoded["input_ids"].shape[1]:]
+    stopped = torch.isin(generated, torch.tensor(stops))
+    new_tokens = torch.where(stopped.any(dim=1), stopped.int().argmax(dim=1) + 1, generated.shape[1])
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    return [Generation(text.strip().split("\n", 1)[0].strip(), int(n_prompt), int(n_new))
+            for text, n_prompt, n_new in zip(texts, encoded["attention_mask"].sum(dim=1), new_tokens, strict=True)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from landermt.artifact import Artifact, load_artifact
-from landermt.generate import greedy, stop_token_ids
+from landermt.generate import Generation, greedy, stop_token_ids
 from landermt.models import load_model
 from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, few_shot_prefix, render_prompt
 from server.languages import normalise
@@ -187,17 +187,15 @@ class Engine:
                         row.future.set_exception(error)
                 continue
             self.metrics.batch_seconds.observe(time.monotonic() - started)
-            for row, text in zip(batch, outputs, strict=True):
+            for row, generation in zip(batch, outputs, strict=True):
                 self.metrics.translations.labels(row.pair).inc()
-                self.metrics.generated_tokens.labels(row.pair).inc(
-                    len(self.tokenizer(text, add_special_tokens=False).input_ids))
+                self.metrics.input_tokens.labels(row.pair).inc(generation.prompt_tokens)
+                self.metrics.generated_tokens.labels(row.pair).inc(generation.new_tokens)
                 if not row.future.done():  # the client may have gone away
-                    row.future.set_result(text)
+                    row.future.set_result(generation.text)
 
-    def _generate(self, batch: list[Row]) -> list[str]:
+    def _generate(self, batch: list[Row]) -> list[Generation]:
         pair_ids = None if self.artifact is None else [row.pair_id for row in batch]
-        for row in batch:
-            self.metrics.input_tokens.labels(row.pair).inc(len(self.tokenizer(row.prompt).input_ids))
         return greedy(self.model, self.tokenizer, [row.prompt for row in batch], pair_ids,
                       max(row.max_new_tokens for row in batch))
 

@@ -40,7 +40,7 @@ def translate(model, tokenizer, template: str, source_lang: str, target_lang: st
         prompts = [prefix + render_prompt(template, source_lang, target_lang, s) for s in chunk]
         longest = max(len(tokenizer(s, add_special_tokens=False).input_ids) for s in chunk)
         ids = None if pair_id is None else [pair_id] * len(chunk)
-        outputs += greedy(model, tokenizer, prompts, ids, min(max_new_tokens, 2 * longest + 16))
+        outputs += [g.text for g in greedy(model, tokenizer, prompts, ids, min(max_new_tokens, 2 * longest + 16))]
     return outputs
 
 
