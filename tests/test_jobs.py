@@ -27,7 +27,7 @@ def ndjson(lines: list[dict]) -> bytes:
     return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
 
 
-def wait_for(base: str, job: str, status: str = "completed", timeout: float = 120) -> dict:
+def wait_for(base: str, job: str, status: str = "completed", timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         body = httpx.get(f"{base}/jobs/{job}").json()
