@@ -1,9 +1,11 @@
 """Collect eval.json of finished runs into the method × direction table of docs/RESULTS.md.
 
-    python bench/results_table.py runs/quick-zero_shot runs/quick-few_shot runs/quick-landermt [--testset flores]
+    python bench/results_table.py runs/quick-tuned-* [--testset flores]
 
-Writes bench/results/table_<testset>.json and the "Methods on <testset>" section of docs/RESULTS.md
-(BLEU per direction and mean; mean chrF, off-target rate and perplexity change on held-out text).
+Rows already in bench/results/table_<testset>.json are kept (runs need not all live on one
+machine); a run of the same name replaces its row. Writes that JSON and the "Methods on <testset>"
+section of docs/RESULTS.md: BLEU per direction and mean; mean chrF, off-target rate, perplexity
+change on held-out text (forgetting), and for finetuned runs seconds per step and peak training memory.
 """
 
 from __future__ import annotations
@@ -18,19 +20,31 @@ from report import update_section  # bench/report.py, beside this script
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def row_name(method: str, config: dict, run: Path) -> str:
+    """The method, plus the neuron settings that distinguish runs of it (layers, CAR mode)."""
+    if method not in ("layers", "ls", "lg", "landermt"):
+        return method
+    partition = json.loads((run / "artifact" / "manifest.json").read_text())
+    layers = partition["layers"]
+    span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+    return f"{method} (layers {span}" + (f", car {config['method']['car']})" if method != "layers" else ")")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--testset", default="flores")
     args = parser.parse_args()
-    rows = {}
+    table = ROOT / "bench" / "results" / f"table_{args.testset}.json"
+    rows = json.loads(table.read_text()) if table.exists() else {}
     for run in args.runs:
         result = json.loads((run / "eval.json").read_text())
         config = yaml.safe_load((run / "config.yaml").read_text())
         scores = result["testsets"][args.testset]
         ppl = result["perplexity"]
-        rows[f"{result['method']}" + (f" ({config['method']['car']})" if result["method"] in ("landermt", "ls", "lg")
-                                      else "")] = {
+        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] \
+            if (run / "train_log.jsonl").exists() else []
+        rows[row_name(result["method"], config, run)] = {
             "bleu": {d: s["bleu"] for d, s in scores.items()},
             "mean_bleu": sum(s["bleu"] for s in scores.values()) / len(scores),
             "mean_chrf": sum(s["chrf"] for s in scores.values()) / len(scores),
@@ -38,23 +52,26 @@ def main() -> None:
             "perplexity_change": sum(v["after"] / v["base"] - 1 for v in ppl.values()) / len(ppl),
             "sentences": next(iter(scores.values()))["sentences"],
             "steps": config["train"]["steps"] if result["method"] not in ("zero_shot", "few_shot") else 0,
+            "seconds_per_step": round(log[-1]["seconds"] / log[-1]["step"], 2) if log else None,
+            "train_peak_rss_mib": max((e.get("peak_rss_mib") or 0 for e in log), default=None) or None,
             "run": str(run),
         }
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / f"table_{args.testset}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(json.dumps(rows, indent=2) + "\n")
     directions = list(next(iter(rows.values()))["bleu"])
-    lines = ["| method | steps | " + " | ".join(directions) + " | mean BLEU | mean chrF | off-target | Δ ppl |",
-             "|---|---:|" + "---:|" * (len(directions) + 4)]
+    lines = ["| method | steps | " + " | ".join(directions) + " | mean BLEU | mean chrF | off-target | Δ ppl | s/step "
+             "| train peak MiB |", "|---|---:|" + "---:|" * (len(directions) + 6)]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['steps']} | " + " | ".join(f"{r['bleu'][d]:.1f}" for d in directions)
                      + f" | **{r['mean_bleu']:.2f}** | {r['mean_chrf']:.1f} | {100 * r['off_target']:.0f}% | "
-                     f"{100 * r['perplexity_change']:+.0f}% |")
+                     f"{100 * r['perplexity_change']:+.0f}% | {r.get('seconds_per_step') or ''} | "
+                     f"{r.get('train_peak_rss_mib') or ''} |")
     sentences = next(iter(rows.values()))["sentences"]
     section = "\n".join([
         f"## Methods on {args.testset}",
         "",
-        f"`python bench/results_table.py {' '.join(str(r) for r in args.runs)}`",
-        f"(`bench/results/table_{args.testset}.json`).",
+        f"`python bench/results_table.py RUN...` (`bench/results/table_{args.testset}.json`; runs: "
+        + ", ".join(f"`{r['run']}`" for r in rows.values()) + ").",
         f"First {sentences} sentences per direction; BLEU is sacreBLEU 13a (zh for Chinese targets); Δ ppl is the mean",
         "relative change of perplexity on held-out FLORES dev text per language (forgetting).",
         "",

@@ -41,8 +41,10 @@ def build(
     model, tokenizer, corpora: list[ParallelCorpus], *, k: int = 4, epsilon: float = 0.9, car: str = "paper",
     detect_samples: int = 64, score_samples: int = 200, objective: str = "lm", batch_size: int = 16,
     max_length: int = 128, template: str = DEFAULT_TEMPLATE, seed: int = 0, model_name: str = "",
+    layers: list[int] | None = None,
 ) -> tuple[Manifest, object]:
-    """The three method stages on `model`; returns (manifest, partition)."""
+    """The three method stages on `model`; returns (manifest, partition). `layers` overrides the
+    detected layer set (a setting chosen on dev); detection still runs and is recorded."""
     family = family_of(model)
     pad = tokenizer.pad_token_id
     directions = directions_of(corpora)
@@ -58,9 +60,13 @@ def build(
         acts = layer_activations(model, family, batches(examples, batch_size, pad),
                                  total=-(-len(examples) // batch_size), desc=f"detect {src}-{tgt}")
         differences[f"{src}-{tgt}"] = layer_differences(acts)
-    layers = shared_layers(differences, k)
+    detected = shared_layers(differences, k)
+    layer_rule = SHARED_LAYER_RULE if layers is None else f"configured (detected: {detected})"
+    layers = detected if layers is None else sorted(layers)
+    if not all(0 <= i < len(family.decoder_layers(model)) for i in layers):
+        raise ValueError(f"layers {layers} out of range for a model with {len(family.decoder_layers(model))} layers")
     seconds["detect"] = round(time.monotonic() - start, 1)
-    print(f"selected layers ({SHARED_LAYER_RULE}): {layers}", flush=True)
+    print(f"selected layers ({layer_rule}): {layers}", flush=True)
 
     phi = {i: [] for i in layers}
     tokens = {}
@@ -95,7 +101,7 @@ def build(
         car_ratios={pair: {str(i): c for i, c in by_layer.items()}
                     for pair, by_layer in partition.car_ratios().items()},
         differences={d: v.tolist() for d, v in differences.items()},
-        layer_rule=SHARED_LAYER_RULE,
+        layer_rule=layer_rule,
         prompt_template=template,
         scoring={"objective": objective, "samples_per_language": score_samples, "tokens": tokens,
                  "detect_samples_per_direction": detect_samples, "max_length": max_length, "seed": seed},
@@ -113,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="local Hugging Face model directory (default: Gemma 3 270M)")
     parser.add_argument("--data", default=None, help="data directory (default: $LANDERMT_DATA or ../shared/data)")
     parser.add_argument("--k", type=int, default=4, help="layers to select (default 4)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="use these layers instead of the detected ones (e.g. chosen on dev)")
     parser.add_argument("--epsilon", type=float, default=0.9, help="share of language-general neurons (default 0.9)")
     parser.add_argument("--car", choices=CAR_MODES, default="paper")
     parser.add_argument("--objective", choices=("lm", "translation"), default="lm",
@@ -133,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer, corpora, k=args.k, epsilon=args.epsilon, car=args.car, detect_samples=args.detect_samples,
         score_samples=args.score_samples, objective=args.objective, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, model_name=args.model or "gemma-3-270m (default)",
+        layers=args.layers,
     )
     elapsed = time.monotonic() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

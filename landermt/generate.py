@@ -8,9 +8,11 @@ with another prompt); the batch stops when every row has stopped or at `max_new_
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from landermt.routing import route
 
@@ -33,16 +35,33 @@ class Generation:
     new_tokens: int  # up to and including the token that stopped the row
 
 
+class FirstToken(LogitsProcessor):
+    """Calls `callback` once, when the logits of the first new token are ready (time to first token)."""
+
+    def __init__(self, callback: Callable[[], None]):
+        self.callback: Callable[[], None] | None = callback
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.callback is not None:
+            self.callback()
+            self.callback = None
+        return scores
+
+
 @torch.no_grad()
-def greedy(model, tokenizer, prompts: list[str], pair_ids: list[int] | None, max_new_tokens: int) -> list[Generation]:
-    """Translate `prompts` in one batch; row r runs with pair id `pair_ids[r]` (None: base model)."""
+def greedy(model, tokenizer, prompts: list[str], pair_ids: list[int] | None, max_new_tokens: int,
+           on_first_token: Callable[[], None] | None = None) -> list[Generation]:
+    """Translate `prompts` in one batch; row r runs with pair id `pair_ids[r]` (None: base model).
+    `on_first_token` is called once, as soon as the batch's first new token is computed."""
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     ids = None if pair_ids is None else torch.tensor(pair_ids)
     stops = stop_token_ids(tokenizer)
     with route(ids):
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                pad_token_id=tokenizer.pad_token_id)
+                                pad_token_id=tokenizer.pad_token_id,
+                                logits_processor=LogitsProcessorList([FirstToken(on_first_token)] if on_first_token
+                                                                     else []))
     generated = output[:, encoded["input_ids"].shape[1]:]
     stopped = torch.isin(generated, torch.tensor(stops))
     new_tokens = torch.where(stopped.any(dim=1), stopped.int().argmax(dim=1) + 1, generated.shape[1])

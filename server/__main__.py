@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from server.app import create_app
+from server.auth import ApiKeys, KeysFileError
 from server.engine import Engine
 from server.jobs import JobStore
 from server.metrics import Metrics
@@ -13,6 +14,11 @@ from server.settings import Settings
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
+    if settings.api_keys:  # fail fast, before the model loads
+        try:
+            ApiKeys.load(settings.api_keys)
+        except KeysFileError as error:
+            raise SystemExit(f"error: {error}") from None
     engine = Engine.load(settings, Metrics())
     app = create_app(engine, JobStore(settings.jobs_db))
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=30)

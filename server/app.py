@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import schemas
+from server.auth import ApiKeys, AuthError, route_dependencies
 from server.engine import Engine, RequestError
 from server.jobs import JOB_STATUSES, JobInputError, JobStore, parse_lines
 from server.languages import normalise
@@ -22,6 +23,8 @@ from server.runner import JobRunner
 def create_app(engine: Engine, store: JobStore) -> FastAPI:
     metrics = engine.metrics
     runner = JobRunner(store, engine)
+    keys = ApiKeys.load(engine.settings.api_keys) if engine.settings.api_keys else None  # None: no auth
+    keyed = route_dependencies(keys)  # on /translate and /jobs*; health, metrics, languages and docs stay open
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -34,6 +37,7 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
 
     app = FastAPI(title="LANDeRMT", version="0.1.0", lifespan=lifespan,
                   description="Machine translation with language-aware routed neurons (one base model).")
+    app.state.api_keys = keys  # tests set its clock
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -56,8 +60,12 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
         body = schemas.ErrorBody(error=str(error), supported=error.supported)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=error.status)
 
+    @app.exception_handler(AuthError)
+    async def auth_error(request: Request, error: AuthError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
+
     @app.post("/translate", response_model=schemas.TranslateResponse,
-              responses={400: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}})
+              responses={400: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}}, dependencies=keyed)
     async def translate(body: schemas.TranslateRequest) -> schemas.TranslateResponse:
         started = time.monotonic()
         texts = [body.q] if isinstance(body.q, str) else body.q
@@ -89,7 +97,7 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/jobs", status_code=201, response_model=schemas.JobStatus,
-              responses={400: {"model": schemas.ErrorBody}})
+              responses={400: {"model": schemas.ErrorBody}}, dependencies=keyed)
     async def create_job(request: Request) -> schemas.JobStatus:
         """Body: JSONL as application/x-ndjson, or a multipart upload with field `file`.
         Each line: {"id", "text", "source", "target"}."""
@@ -115,11 +123,12 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
             raise RequestError(f"no job {job!r}", 404)
         return status
 
-    @app.get("/jobs/{job}", response_model=schemas.JobStatus, responses={404: {"model": schemas.ErrorBody}})
+    @app.get("/jobs/{job}", response_model=schemas.JobStatus, responses={404: {"model": schemas.ErrorBody}},
+             dependencies=keyed)
     async def get_job(job: str) -> schemas.JobStatus:
         return schemas.JobStatus(**job_status(job))
 
-    @app.get("/jobs/{job}/results", responses={404: {"model": schemas.ErrorBody}})
+    @app.get("/jobs/{job}/results", responses={404: {"model": schemas.ErrorBody}}, dependencies=keyed)
     async def job_results(job: str) -> Response:
         """JSONL in input order: {"id", "translation"}, {"id", "error"}, or {"id", "status": "pending"}."""
         job_status(job)
@@ -127,7 +136,8 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
         body = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
         return Response(body, media_type="application/x-ndjson")
 
-    @app.post("/jobs/{job}/cancel", response_model=schemas.JobStatus, responses={404: {"model": schemas.ErrorBody}})
+    @app.post("/jobs/{job}/cancel", response_model=schemas.JobStatus, responses={404: {"model": schemas.ErrorBody}},
+              dependencies=keyed)
     async def cancel_job(job: str) -> schemas.JobStatus:
         job_status(job)
         store.cancel(job)

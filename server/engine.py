@@ -196,8 +196,14 @@ class Engine:
 
     def _generate(self, batch: list[Row]) -> list[Generation]:
         pair_ids = None if self.artifact is None else [row.pair_id for row in batch]
+
+        def first_token() -> None:
+            now = time.monotonic()
+            for row in batch:
+                self.metrics.first_token_seconds.observe(now - row.queued_at)
+
         return greedy(self.model, self.tokenizer, [row.prompt for row in batch], pair_ids,
-                      max(row.max_new_tokens for row in batch))
+                      max(row.max_new_tokens for row in batch), first_token)
 
     def language_list(self) -> list[dict]:
         return [{"code": code, "name": LANGUAGE_NAMES.get(code, code),

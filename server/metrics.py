@@ -21,6 +21,9 @@ class Metrics:
                                     ["pair"], registry=r)
         self.queue_seconds = Histogram("landermt_queue_seconds", "Time a text waits before its batch starts",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.first_token_seconds = Histogram("landermt_time_to_first_token_seconds",
+                                             "Time from a text's arrival to its first generated token",
+                                             buckets=LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("landermt_request_seconds", "End-to-end /translate latency",
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.batch_seconds = Histogram("landermt_batch_seconds", "Time to generate one batch",

@@ -24,6 +24,7 @@ class Settings:
     max_new_tokens: int = 256  # cap on generated tokens (also ≤ 2 × source tokens + 16)
     jobs_db: str = str(Path.home() / ".local" / "share" / "landermt" / "jobs.sqlite3")
     max_job_lines: int = 100_000
+    api_keys: str | None = None  # JSON file of hashed API keys (python -m server.keys); None: no auth
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:

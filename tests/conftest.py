@@ -1,11 +1,18 @@
-"""Tiny random models of every supported family, with a tokenizer trained here (no downloads)."""
+"""Tiny random models of every supported family, with a tokenizer trained here (no downloads); a test server."""
 
 from __future__ import annotations
 
 import gzip
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
+import uvicorn
 from transformers import (
     BloomConfig,
     BloomForCausalLM,
@@ -106,3 +113,57 @@ def write_corpora(root) -> None:
             f.write(f"en\t{lang}\tsource\n")
             for en, xx in pairs:
                 f.write(f"{en}\t{xx}\ttest\n")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """The smoke preset trained once per test session: OUT/base_model (tiny model) and OUT/artifact.
+    Tests only read it."""
+    from training.run import main as run_main
+
+    out = tmp_path_factory.mktemp("smoke")
+    run_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(smoke_run, tmp_path_factory) -> Iterator[str]:
+    """The smoke-preset artifact served by the real app under uvicorn on a loopback port: its base URL."""
+    from server.app import create_app
+    from server.engine import Engine
+    from server.jobs import JobStore
+    from server.metrics import Metrics
+    from server.settings import Settings
+
+    settings = Settings(artifact=str(smoke_run / "artifact"), model=str(smoke_run / "base_model"), port=free_port(),
+                        max_batch_size=8, max_wait_ms=20, max_texts=4, max_chars=200, max_new_tokens=12)
+    engine = Engine.load(settings, Metrics())
+    store = JobStore(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3")
+    with serving(create_app(engine, store), settings.port) as base:
+        yield base
+
+
+@contextmanager
+def serving(app, port: int) -> Iterator[str]:
+    """Run `app` under uvicorn on a loopback port in a thread: yields its base URL, stops it afterwards."""
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not instance.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=30)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_server import TEXTS, free_port, server, smoke_run  # noqa: F401  (fixtures)
+from tests.conftest import free_port
+from tests.test_server import TEXTS
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [("en", "de"), ("de", "fr"), ("zh", "en"), ("ar", "it"), ("fr", "zh")]
@@ -37,7 +38,7 @@ def wait_for(base: str, job: str, status: str = "completed", timeout: float = 60
         time.sleep(0.1)
 
 
-def test_job_round_trip_in_input_order(server):  # noqa: F811
+def test_job_round_trip_in_input_order(server):
     lines = job_lines(7)
     created = httpx.post(f"{server}/jobs", content=ndjson(lines), headers={"content-type": "application/x-ndjson"})
     assert created.status_code == 201 and created.json()["counts"]["total"] == 7
@@ -49,13 +50,13 @@ def test_job_round_trip_in_input_order(server):  # noqa: F811
     assert results[2]["translation"] == direct["translatedText"]
 
 
-def test_multipart_upload(server):  # noqa: F811
+def test_multipart_upload(server):
     response = httpx.post(f"{server}/jobs", files={"file": ("job.jsonl", ndjson(job_lines(3)), "application/jsonl")})
     assert response.status_code == 201
     assert wait_for(server, response.json()["id"])["counts"]["completed"] == 3
 
 
-def test_bad_job_files_are_rejected_with_line_numbers(server):  # noqa: F811
+def test_bad_job_files_are_rejected_with_line_numbers(server):
     body = (json.dumps(job_lines(1)[0]) + "\n{broken\n" + json.dumps({"text": "Hi", "source": "en", "target": "xx"})
             + "\n" + json.dumps({"text": "", "source": "en", "target": "de"}) + "\n" + json.dumps({"text": 3}) + "\n")
     response = httpx.post(f"{server}/jobs", content=body.encode(), headers={"content-type": "application/x-ndjson"})
@@ -68,7 +69,7 @@ def test_bad_job_files_are_rejected_with_line_numbers(server):  # noqa: F811
                       ).json()["error"].endswith("the job file has no lines")
 
 
-def test_cancel_and_unknown_job(server):  # noqa: F811
+def test_cancel_and_unknown_job(server):
     created = httpx.post(f"{server}/jobs", content=ndjson(job_lines(200)),
                          headers={"content-type": "application/x-ndjson"}).json()
     cancelled = httpx.post(f"{server}/jobs/{created['id']}/cancel").json()
@@ -80,7 +81,7 @@ def test_cancel_and_unknown_job(server):  # noqa: F811
     assert httpx.get(f"{server}/jobs/nope").status_code == 404
 
 
-def test_job_metrics(server):  # noqa: F811
+def test_job_metrics(server):
     text = httpx.get(f"{server}/metrics").text
     assert 'landermt_jobs{status="completed"}' in text and 'landermt_job_lines_total{outcome="completed"}' in text
 
@@ -102,7 +103,7 @@ def start_server(run: Path, port: int, db: Path) -> subprocess.Popen:
         time.sleep(0.2)
 
 
-def test_job_survives_kill_9_with_every_line_exactly_once(smoke_run, tmp_path):  # noqa: F811
+def test_job_survives_kill_9_with_every_line_exactly_once(smoke_run, tmp_path):
     port, db = free_port(), tmp_path / "jobs.sqlite3"
     proc = start_server(smoke_run, port, db)
     base = f"http://127.0.0.1:{port}"
@@ -127,7 +128,7 @@ def test_job_survives_kill_9_with_every_line_exactly_once(smoke_run, tmp_path): 
     assert all("translation" in r for r in results)
 
 
-def test_offline_batch_cli_resumes_after_kill(smoke_run, tmp_path):  # noqa: F811
+def test_offline_batch_cli_resumes_after_kill(smoke_run, tmp_path):
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_bytes(ndjson(job_lines(150)))
     cmd = [sys.executable, "-m", "server.batch", str(source), str(target), "--artifact", str(smoke_run / "artifact"),
@@ -157,7 +158,7 @@ def test_offline_batch_cli_resumes_after_kill(smoke_run, tmp_path):  # noqa: F81
     assert [r["id"] for r in results] == [f"l{i}" for i in range(150)] and all("translation" in r for r in results)
 
 
-def test_offline_batch_cli_rejects_a_malformed_file(smoke_run, tmp_path):  # noqa: F811
+def test_offline_batch_cli_rejects_a_malformed_file(smoke_run, tmp_path):
     source = tmp_path / "bad.jsonl"
     source.write_text('{"text": "Hi", "source": "en", "target": "de"}\nnot json\n')
     result = subprocess.run([sys.executable, "-m", "server.batch", str(source), str(tmp_path / "out.jsonl"),

@@ -3,58 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from server.app import create_app
-from server.engine import Engine
-from server.jobs import JobStore
 from server.languages import normalise
-from server.metrics import Metrics
-from server.settings import Settings
-from training.run import main as run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = {"en": "The weather is nice today.", "de": "Das Wetter ist heute schön.", "fr": "Il fait beau aujourd'hui.",
          "zh": "今天天气很好。", "ar": "الطقس جميل اليوم.", "it": "Oggi il tempo è bello."}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smoke")
-    run_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output", str(out)])
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(smoke_run, tmp_path_factory):
-    settings = Settings(artifact=str(smoke_run / "artifact"), model=str(smoke_run / "base_model"), port=free_port(),
-                        max_batch_size=8, max_wait_ms=20, max_texts=4, max_chars=200, max_new_tokens=12)
-    engine = Engine.load(settings, Metrics())
-    store = JobStore(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3")
-    config = uvicorn.Config(create_app(engine, store), host="127.0.0.1", port=settings.port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not instance.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{settings.port}"
-    instance.should_exit = True
-    thread.join(timeout=30)
 
 
 def translate(base: str, q, source: str, target: str) -> httpx.Response:
@@ -146,4 +104,11 @@ def test_metrics_count_traffic(server):
     assert metric(after, pair) - metric(before, pair) == 3
     assert metric(after, "landermt_batch_size_count") > metric(before, "landermt_batch_size_count")
     assert metric(after, "landermt_generated_tokens_total") > 0
+
+    def delta(name: str) -> float:
+        return metric(after, name) - metric(before, name)
+
+    assert delta("landermt_time_to_first_token_seconds_count") == 3  # one observation per translated text
+    # the first token of a text comes after it arrived and before its response
+    assert 0 < delta("landermt_time_to_first_token_seconds_sum") <= delta("landermt_request_seconds_sum")
     assert TEXTS["fr"] not in after  # no request text in metrics

@@ -49,6 +49,7 @@ class DataConfig(Strict):
 class MethodConfig(Strict):
     name: Method = "landermt"
     k: int = Field(4, ge=1)
+    layers: list[int] | None = None  # None: the k detected layers; else these (a setting chosen on dev)
     epsilon: float = Field(0.9, ge=0.0, le=1.0)
     car: Literal["paper", "swapped", "off"] = "paper"
     objective: Literal["lm", "translation"] = "lm"
@@ -92,6 +93,9 @@ class RunConfig(Strict):
     def _check(self) -> RunConfig:
         if self.model.path and self.model.tiny:
             raise ValueError("model: give either path or tiny, not both")
+        if self.method.layers is not None and (not self.method.layers or min(self.method.layers) < 0
+                                               or len(set(self.method.layers)) != len(self.method.layers)):
+            raise ValueError("method.layers: give distinct non-negative layer indices, or leave it out")
         if "en" in self.data.languages:
             raise ValueError("data.languages lists the languages paired with English; drop 'en'")
         return self

@@ -40,6 +40,21 @@ from training.optim import NeuronAdamW
 CHECKPOINT = "checkpoint"
 
 
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (Linux), so training's peak excludes earlier stages."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> int | None:
+    """Peak resident memory of this process since the last reset (VmHWM), MiB; None off Linux."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    return None
+
+
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside torch.distributed."""
     if dist.is_available() and dist.is_initialized():
@@ -162,6 +177,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=c.steps, initial=self.step, desc="finetune", unit="step", disable=self.rank != 0)
         start = time.monotonic()
+        reset_peak_rss()
         while self.step < c.steps:
             lr = lr_at(self.step, c)
             for group in self.optimizer.param_groups:
@@ -181,7 +197,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             entry = {"step": self.step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                     "seconds": round(time.monotonic() - start, 1)}
+                     "seconds": round(time.monotonic() - start, 1), "peak_rss_mib": peak_rss_mib()}
             if self.dev and (self.step % c.eval_every == 0 or self.step == c.steps):
                 entry["dev_loss"] = round(self.dev_loss(), 5)
                 if entry["dev_loss"] < self.best_loss:

@@ -117,7 +117,7 @@ def stage_base_perplexity(run: Run, model, tokenizer, base_sha: str) -> dict[str
 def stage_partition(run: Run, model, tokenizer, base_sha: str):
     """Detect, score, partition (neuron methods only) into OUTPUT/artifact, cached."""
     c, m = run.config, run.config.method
-    key = fingerprint(base_sha, m.k, m.epsilon, m.car, m.objective, m.detect_samples, m.score_samples,
+    key = fingerprint(base_sha, m.k, m.layers, m.epsilon, m.car, m.objective, m.detect_samples, m.score_samples,
                       c.data.languages, c.data.root, c.train.seed)
     folder = run.output / "artifact"
     if run.cached("partition", key, f"artifact/{MANIFEST}"):
@@ -126,7 +126,7 @@ def stage_partition(run: Run, model, tokenizer, base_sha: str):
     corpora = [corpus for corpus in training_corpora(c.data.root) if corpus.second in c.data.languages]
     manifest, partition = build(model, tokenizer, corpora, k=m.k, epsilon=m.epsilon, car=m.car,
                                 detect_samples=m.detect_samples, score_samples=m.score_samples,
-                                objective=m.objective, seed=c.train.seed,
+                                objective=m.objective, seed=c.train.seed, layers=m.layers,
                                 model_name=c.model.path or ("tiny" if c.model.tiny else "gemma-3-270m (default)"))
     shutil.rmtree(folder, ignore_errors=True)
     save_artifact(folder, manifest, partition)
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="output directory (default: runs/NAME-METHOD)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted finetuning run")
     parser.add_argument("--method", choices=METHODS, help="override method.name (baselines, ablations)")
+    parser.add_argument("--skip-eval", action="store_true", help="stop after finetuning (the artifact is ready)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -268,10 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     if config.method.name in NEURON_METHODS:
         artifact = run.rank_zero_first(lambda: stage_partition(run, model, tokenizer, base_sha))
     model, finetune_key = stage_finetune(run, model, tokenizer, artifact, args.resume, base_sha)
-    if run.rank == 0:
+    if run.rank == 0 and not args.skip_eval:
         results = stage_evaluate(run, model, tokenizer, artifact, base_ppl, finetune_key or base_sha)
         for name, scores in results["testsets"].items():
             print(f"\n{name}\n{markdown_table(scores)}")
+    if run.rank == 0:
         print(f"\n{output}: done in {time.monotonic() - start:.0f} s", file=sys.stderr)
     if dist.is_initialized():
         dist.barrier()

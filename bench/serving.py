@@ -1,0 +1,274 @@
+"""Serving benchmark: a load generator against the real HTTP server, plus the forward-pass checks.
+
+    python bench/serving.py [--artifact DIR] [--sentences 64]
+
+1. Load: concurrent clients (1, 8, 32) POST /translate, one FLORES devtest sentence each, cycling
+   through the artifact's 10 directions (mixed pairs), against (a) the server with routing and
+   (b) the same server on the unpatched base model ("routing off"); and (c) a naive baseline, one
+   sentence at a time through transformers `generate`. Reported: sentences/s, generated tokens/s,
+   p50/p95 latency.
+2. Forward checks at batch 16, fixed 32 new tokens (EOS suppressed, so every variant does the same
+   work): unpatched vs routed single-pair vs routed mixed-pair generation.
+3. Memory: peak RSS of this process, and one base + the artifact vs one model copy per pair.
+
+Targets (issue 4): routing ≤ 5 % throughput cost; mixed-pair batch within 3 % of single-pair;
+≥ 5× the naive baseline at concurrency 32; serving tokens/s ≥ 80 % of the bare batched forward.
+Writes bench/results/serving.json and the "Serving" section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+from report import update_section  # bench/report.py, beside this script
+
+from landermt.artifact import load_artifact
+from landermt.families import family_of
+from landermt.generate import greedy, stop_token_ids
+from landermt.models import load_model
+from landermt.prompts import render_prompt
+from landermt.routing import route, unpatch
+from server.app import create_app
+from server.engine import Engine
+from server.jobs import JobStore
+from server.metrics import Metrics
+from server.settings import Settings
+from training.data import flores
+from training.finetune import peak_rss_mib
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = (1, 8, 32)
+BATCH, FIXED_NEW_TOKENS = 16, 32
+
+
+def workload(directions: list[str], n: int) -> list[tuple[str, str, str]]:
+    """n (source, target, text) items cycling through the directions, FLORES devtest sentences."""
+    per = {d: flores(None, "devtest", *d.split("-")) for d in directions}
+    cycle = itertools.cycle(directions)
+    return [(*d.split("-"), per[d][i // len(directions)][0]) for i, d in zip(range(n), cycle, strict=False)]
+
+
+def generated_tokens(base: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("landermt_generated_tokens_total{"))
+
+
+class ServerThread:
+    """The real app under uvicorn on a loopback port, in this process (so RSS covers it)."""
+
+    def __init__(self, engine: Engine, jobs_db: Path):
+        self.config = uvicorn.Config(create_app(engine, JobStore(jobs_db)), host="127.0.0.1",
+                                     port=engine.settings.port, log_level="warning")
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.config.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+async def load(base: str, items: list[tuple[str, str, str]], concurrency: int) -> dict:
+    latencies: list[float] = []
+    queue = list(reversed(items))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while queue:
+            source, target, text = queue.pop()
+            started = time.monotonic()
+            response = await http.post(f"{base}/translate", json={"q": text, "source": source, "target": target})
+            response.raise_for_status()
+            latencies.append(time.monotonic() - started)
+
+    tokens_before = generated_tokens(base)
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=600) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    wall = time.monotonic() - started
+    tokens = generated_tokens(base) - tokens_before
+    latencies.sort()
+    return {"concurrency": concurrency, "sentences": len(items), "seconds": round(wall, 2),
+            "sentences_per_s": round(len(items) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "p50_s": round(statistics.median(latencies), 3),
+            "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)}
+
+
+def serve_and_load(engine: Engine, items: list[tuple[str, str, str]], sentences: int) -> list[dict]:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp, ServerThread(engine, Path(tmp) / "jobs.sqlite3") as base:
+        httpx.post(f"{base}/translate", json={"q": items[0][2], "source": items[0][0], "target": items[0][1]},
+                   timeout=600)  # warm-up
+        for concurrency in CONCURRENCY:
+            n = max(8, sentences // 4) if concurrency == 1 else sentences
+            out.append(asyncio.run(load(base, items[:n], concurrency)))
+            print(out[-1], flush=True)
+    return out
+
+
+def naive(model, tokenizer, template: str, items: list[tuple[str, str, str]]) -> dict:
+    """One sentence at a time through plain transformers `generate`, no server, no batching."""
+    stops = stop_token_ids(tokenizer)
+    tokens, started = 0, time.monotonic()
+    for source, target, text in items:
+        encoded = tokenizer([render_prompt(template, source, target, text)], return_tensors="pt")
+        n_source = len(tokenizer(text, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            output = model.generate(**encoded, max_new_tokens=min(256, 2 * n_source + 16), do_sample=False,
+                                    eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+        tokens += output.shape[1] - encoded["input_ids"].shape[1]
+    wall = time.monotonic() - started
+    return {"concurrency": 1, "sentences": len(items), "seconds": round(wall, 2),
+            "sentences_per_s": round(len(items) / wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+
+
+def fixed_generation_seconds(model, tokenizer, prompts: list[str], pair_ids: list[int] | None,
+                             repeats: int = 3) -> float:
+    """Best-of-`repeats` time to generate exactly FIXED_NEW_TOKENS for every row of one batch."""
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    stops = stop_token_ids(tokenizer)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.monotonic()
+        with torch.no_grad(), route(None if pair_ids is None else torch.tensor(pair_ids)):
+            model.generate(**encoded, min_new_tokens=FIXED_NEW_TOKENS, max_new_tokens=FIXED_NEW_TOKENS,
+                           do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+        best = min(best, time.monotonic() - started)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", default=str(ROOT / "runs" / "quick-tuned-landermt" / "artifact"))
+    parser.add_argument("--model", default=None, help="base model directory (default: Gemma 3 270M)")
+    parser.add_argument("--sentences", type=int, default=64, help="sentences per load level (concurrency 1: 1/4)")
+    args = parser.parse_args()
+
+    artifact = load_artifact(args.artifact)
+    model, tokenizer = load_model(args.model, artifact.dtype)
+    family = family_of(model)
+    greedy(model, tokenizer, ["warm-up"], None, 2)
+    rss_base = peak_rss_mib()
+    artifact.apply(model)
+    template, directions = artifact.manifest.prompt_template, artifact.manifest.directions
+    items = workload(directions, args.sentences)
+    pair_ids = [artifact.partition.pair_id(s, t) for s, t, _ in items[:BATCH]]
+    settings = Settings(artifact=args.artifact, model=args.model, port=_free_port(), max_batch_size=BATCH, max_texts=64)
+
+    print("forward checks", flush=True)
+    prompts = [render_prompt(template, s, t, text) for s, t, text in items[:BATCH]]
+    forward = {"routed mixed pairs": fixed_generation_seconds(model, tokenizer, prompts, pair_ids),
+               "routed single pair": fixed_generation_seconds(model, tokenizer, prompts, [pair_ids[0]] * BATCH)}
+    print("load: routed", flush=True)
+    routed = serve_and_load(Engine(model, tokenizer, artifact, settings, Metrics()), items, args.sentences)
+    rss_served = peak_rss_mib()
+
+    unpatch(model, family)  # the same weights, plain FFN: what routing costs
+    forward["unpatched"] = fixed_generation_seconds(model, tokenizer, prompts, None)
+    print("load: routing off", flush=True)
+    plain = serve_and_load(Engine(model, tokenizer, artifact, settings, Metrics()), items, args.sentences)
+    print("naive baseline", flush=True)
+    baseline = naive(model, tokenizer, template, items[: max(8, args.sentences // 4)])
+
+    forward_tokens = {k: round(BATCH * FIXED_NEW_TOKENS / v, 2) for k, v in forward.items()}
+    model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    artifact_mib = sum(f.stat().st_size for f in Path(args.artifact).glob("*.safetensors")) / 2**20
+    pairs = len(artifact.manifest.languages) * (len(artifact.manifest.languages) - 1) // 2
+    at32 = {r["concurrency"]: r for r in routed}[32]
+    result = {
+        "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": str(artifact.dtype),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "artifact": args.artifact, "directions": directions, "batch": BATCH,
+        "load": {"routed": routed, "routing off": plain, "naive": baseline},
+        "forward_tokens_per_s": forward_tokens,
+        "checks": {
+            "routing cost (forward, mixed vs unpatched)": round(1 - forward_tokens["routed mixed pairs"]
+                                                                / forward_tokens["unpatched"], 4),
+            "routing cost (served, c=32)": round(1 - at32["tokens_per_s"]
+                                                 / {r["concurrency"]: r for r in plain}[32]["tokens_per_s"], 4),
+            "mixed vs single pair (forward)": round(1 - forward_tokens["routed mixed pairs"]
+                                                    / forward_tokens["routed single pair"], 4),
+            "speed-up over naive (sentences/s, c=32)": round(at32["sentences_per_s"] / baseline["sentences_per_s"], 2),
+            "served / bare forward tokens/s (c=32)": round(at32["tokens_per_s"] / forward_tokens["routed mixed pairs"],
+                                                           3),
+        },
+        "memory_mib": {"peak_rss_model_loaded": rss_base, "peak_rss_serving": rss_served,
+                       "model_weights": round(model_mib), "artifact_files": round(artifact_mib, 1),
+                       "one base + all pairs": round(model_mib + artifact_mib),
+                       f"one model copy per pair ({pairs} pairs)": round(pairs * model_mib)},
+    }
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench" / "results" / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result)
+    print(json.dumps(result["checks"], indent=2))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_markdown(r: dict) -> None:
+    m = r["machine"]
+    rows = ["| server | concurrency | sentences | sentences/s | tokens/s | p50 s | p95 s |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in ("routed", "routing off"):
+        for x in r["load"][name]:
+            rows.append(f"| {name} | {x['concurrency']} | {x['sentences']} | {x['sentences_per_s']:.2f} | "
+                        f"{x['tokens_per_s']:.1f} | {x['p50_s']:.2f} | {x['p95_s']:.2f} |")
+    n = r["load"]["naive"]
+    rows.append(f"| naive (transformers generate, one at a time) | 1 | {n['sentences']} | "
+                f"{n['sentences_per_s']:.2f} | {n['tokens_per_s']:.1f} | | |")
+    c = r["checks"]
+    targets = {"routing cost (forward, mixed vs unpatched)": ("≤ 5 %", c["routing cost (forward, mixed vs unpatched)"]
+                                                               <= 0.05),
+               "routing cost (served, c=32)": ("≤ 5 %", c["routing cost (served, c=32)"] <= 0.05),
+               "mixed vs single pair (forward)": ("≤ 3 %", c["mixed vs single pair (forward)"] <= 0.03),
+               "speed-up over naive (sentences/s, c=32)": ("≥ 5×", c["speed-up over naive (sentences/s, c=32)"] >= 5),
+               "served / bare forward tokens/s (c=32)": ("≥ 80 %", c["served / bare forward tokens/s (c=32)"] >= 0.8)}
+    checks = ["| check | value | target | met |", "|---|---:|---|---|"] + [
+        f"| {name} | {c[name]:.3g} | {target} | {'yes' if ok else 'NO'} |" for name, (target, ok) in targets.items()]
+    mem = ["| memory | MiB |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in r["memory_mib"].items()]
+    section = "\n".join([
+        "## Serving",
+        "",
+        f"`python bench/serving.py` (`bench/results/serving.json`): {m['cpu_count']}-core {m['machine']} CPU, "
+        f"{m['dtype']}, torch {m['torch']}, {m['threads']} threads; artifact `{r['artifact']}`; max batch "
+        f"{r['batch']}; one FLORES devtest sentence per request, cycling through {len(r['directions'])} directions.",
+        "",
+        *rows,
+        "",
+        f"Forward checks (batch {r['batch']}, exactly {FIXED_NEW_TOKENS} new tokens per row, best of 3), tokens/s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r["forward_tokens_per_s"].items()) + ".",
+        "",
+        *checks,
+        "",
+        *mem,
+        "",
+    ])
+    update_section(ROOT / "docs" / "BENCHMARKS.md", "## Serving", section, "Benchmarks")
+
+
+if __name__ == "__main__":
+    main()
