@@ -6,6 +6,7 @@ Rows already in bench/results/table_<testset>.json are kept (runs need not all l
 machine); a run of the same name replaces its row. Writes that JSON and the "Methods on <testset>"
 section of docs/RESULTS.md: BLEU per direction and mean; mean chrF, off-target rate, perplexity
 change on held-out text (forgetting), and for finetuned runs seconds per step and peak training memory.
+Also plots the given runs' training and dev loss curves to docs/figures/loss_curves.png.
 """
 
 from __future__ import annotations
@@ -79,7 +80,34 @@ def main() -> None:
         "",
     ])
     update_section(ROOT / "docs" / "RESULTS.md", f"## Methods on {args.testset}", section, "Results")
+    plot_losses({name: r["run"] for name, r in rows.items()})
     print(section)
+
+
+def plot_losses(runs: dict[str, str]) -> None:
+    """Training loss (moving average of 20 steps) and dev loss per finetuned run that is on this machine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, dev_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        path = Path(run) / "train_log.jsonl"
+        if not path.exists():
+            continue
+        log = [json.loads(line) for line in path.read_text().splitlines()]
+        losses = [e["loss"] for e in log]
+        smooth = [sum(losses[max(0, i - 19): i + 1]) / len(losses[max(0, i - 19): i + 1]) for i in range(len(losses))]
+        line, = train_ax.plot([e["step"] for e in log], smooth, label=name)
+        dev = [(e["step"], e["dev_loss"]) for e in log if "dev_loss" in e]
+        dev_ax.plot(*zip(*dev, strict=True), marker="o", color=line.get_color(), label=name)
+    train_ax.set(title="training loss (20-step mean)", xlabel="step", ylabel="target-token loss")
+    dev_ax.set(title="FLORES dev loss", xlabel="step")
+    dev_ax.legend(fontsize=7)
+    fig.tight_layout()
+    (ROOT / "docs" / "figures").mkdir(parents=True, exist_ok=True)
+    fig.savefig(ROOT / "docs" / "figures" / "loss_curves.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The torch engine: one base model, rows of different language pairs batched into one forward.
 
-Requests are split into rows (one per text) and queued. A scheduler task takes the first waiting
-row, gathers more rows of *any* pair for up to `max_wait_ms` or until `max_batch_size`, and runs
-the batch's greedy generation on a dedicated worker thread with per-row pair ids
-(landermt.routing), so no request waits for another pair's batch. Each row's result resolves its
-future; a request returns when all of its rows are done.
+Requests are split into rows (one per text) and queued by priority (interactive before job lines).
+A scheduler task runs continuous batching (landermt.decode): between decode steps it admits
+waiting rows of *any* pair into the running batch, up to `max_batch_size` rows; when idle it waits
+for the first row and gathers more for up to `max_wait_ms`. Each step (prefill of the admitted
+rows, then one decode step for all rows with per-row pair ids) runs on a dedicated worker thread;
+a row's future resolves as soon as its translation ends, and a request returns when all of its
+rows are done. No request waits for another pair's batch or for longer translations to finish.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from landermt.artifact import Artifact, load_artifact
-from landermt.generate import Generation, greedy, stop_token_ids
+from landermt.decode import Request, RunningBatch
+from landermt.generate import Generation, stop_token_ids
 from landermt.models import load_model
 from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, few_shot_prefix, render_prompt
 from server.languages import normalise
@@ -56,6 +59,7 @@ class Row:
     pair_id: int | None = field(compare=False)
     pair: str = field(compare=False)
     max_new_tokens: int = field(compare=False)
+    prompt_tokens: int = field(compare=False)
     future: asyncio.Future = field(compare=False)
     queued_at: float = field(default_factory=time.monotonic, compare=False)
 
@@ -71,6 +75,7 @@ class Engine:
         self.sequence = itertools.count()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
         self.scheduler: asyncio.Task | None = None
+        self.running = RunningBatch(model, tokenizer, routed=artifact is not None)
         stop_token_ids(tokenizer)  # scans the vocabulary once, here rather than in the first request
 
     @classmethod
@@ -86,8 +91,8 @@ class Engine:
         self.scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     async def stop(self) -> None:
-        """Finish every queued row, then stop."""
-        while not self.queue.empty():
+        """Finish every queued and running row, then stop."""
+        while not self.queue.empty() or len(self.running):
             await asyncio.sleep(0.01)
         if self.scheduler:
             self.scheduler.cancel()
@@ -143,67 +148,76 @@ class Engine:
         s = self.settings
         pair_id = self.artifact.partition.pair_id(source, target) if self.artifact else None
         loop = asyncio.get_running_loop()
-        rows = [Row(priority, next(self.sequence), self.prompt(source, target, text), pair_id, f"{source}-{target}",
-                    min(s.max_new_tokens, 2 * n + 16), loop.create_future())
-                for text, n in zip(texts, lengths, strict=True)]
+        prompts = [self.prompt(source, target, text) for text in texts]
+        rows = [Row(priority, next(self.sequence), prompt, pair_id, f"{source}-{target}",
+                    min(s.max_new_tokens, 2 * n + 16), self.running.prompt_tokens(prompt), loop.create_future())
+                for prompt, n in zip(prompts, lengths, strict=True)]
         for row in rows:
             self.queue.put_nowait(row)
         self.metrics.queued.set(self.queue.qsize())
         return list(await asyncio.gather(*(row.future for row in rows)))
 
     # --- scheduling ----------------------------------------------------------------------------
-    async def _next_batch(self) -> list[Row]:
-        batch = [await self.queue.get()]
+    async def _first_rows(self) -> list[Row]:
+        """Idle: wait for a row, then gather more for up to `max_wait_ms` (a fuller first step)."""
+        rows = [await self.queue.get()]
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-        while len(batch) < self.settings.max_batch_size:
+        while len(rows) < self.settings.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
             try:
-                batch.append(self.queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                rows.append(await asyncio.wait_for(self.queue.get(), remaining))
             except TimeoutError:
                 break
-        return batch
+        return rows
+
+    def _waiting_rows(self, room: int) -> list[Row]:
+        """Running: whatever is queued now, up to `room` rows, without waiting."""
+        rows = []
+        while len(rows) < room and not self.queue.empty():
+            rows.append(self.queue.get_nowait())
+        return rows
 
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            if len(self.running):
+                candidates = self._waiting_rows(self.settings.max_batch_size - len(self.running))
+            else:
+                candidates = await self._first_rows()
+            admitted = [row for row in candidates if self.running.can_admit(row.prompt_tokens)]
+            for row in candidates:
+                if row not in admitted:  # too long to join this batch: it goes first once the batch drains
+                    self.queue.put_nowait(row)
             self.metrics.queued.set(self.queue.qsize())
             started = time.monotonic()
-            for row in batch:
+            for row in admitted:
                 self.metrics.queue_seconds.observe(started - row.queued_at)
-            self.metrics.batch_size.observe(len(batch))
             try:
-                outputs = await loop.run_in_executor(self.worker, self._generate, batch)
-            except Exception as error:  # a failed batch fails its rows, not the server
-                for row in batch:
+                finished = await loop.run_in_executor(self.worker, self._step, admitted)
+            except Exception as error:  # a failed step fails its rows, not the server
+                for row in [*admitted, *(request.key for request in self.running.rows)]:
                     if not row.future.done():
                         row.future.set_exception(error)
+                self.running = RunningBatch(self.model, self.tokenizer, routed=self.artifact is not None)
                 continue
             self.metrics.batch_seconds.observe(time.monotonic() - started)
-            for row, generation in zip(batch, outputs, strict=True):
+            for row, generation in finished:
                 self.metrics.translations.labels(row.pair).inc()
                 self.metrics.input_tokens.labels(row.pair).inc(generation.prompt_tokens)
                 self.metrics.generated_tokens.labels(row.pair).inc(generation.new_tokens)
                 if not row.future.done():  # the client may have gone away
                     row.future.set_result(generation.text)
 
-    def _generate(self, batch: list[Row]) -> list[Generation]:
-        pair_ids = None if self.artifact is None else [row.pair_id for row in batch]
-
-        def first_token() -> None:
-            now = time.monotonic()
-            for row in batch:
-                self.metrics.first_token_seconds.observe(now - row.queued_at)
-
-        return greedy(self.model, self.tokenizer, [row.prompt for row in batch], pair_ids,
-                      max(row.max_new_tokens for row in batch), first_token)
+    def _step(self, admitted: list[Row]) -> list[tuple[Row, Generation]]:
+        """Worker thread: admit (prefill) new rows, then one decode step for the whole running batch."""
+        finished = self.running.admit([Request(row, row.prompt, row.pair_id, row.max_new_tokens)
+                                       for row in admitted]) if admitted else []
+        now = time.monotonic()
+        for row in admitted:
+            self.metrics.first_token_seconds.observe(now - row.queued_at)
+        if len(self.running):
+            self.metrics.batch_size.observe(len(self.running))
+            finished += self.running.decode()
+        return [(request.key, generation) for request, generation in finished]
 
     def language_list(self) -> list[dict]:
         return [{"code": code, "name": LANGUAGE_NAMES.get(code, code),

@@ -26,9 +26,10 @@ class Metrics:
                                              buckets=LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("landermt_request_seconds", "End-to-end /translate latency",
                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("landermt_batch_seconds", "Time to generate one batch",
+        self.batch_seconds = Histogram("landermt_batch_seconds",
+                                       "Time of one engine step: prefill of the rows admitted, then one decode step",
                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("landermt_batch_size", "Texts per forward batch",
+        self.batch_size = Histogram("landermt_batch_size", "Rows (texts of any pairs) in each decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.inflight = Gauge("landermt_inflight_requests", "Requests being handled", registry=r)
         self.queued = Gauge("landermt_queued_texts", "Texts waiting for a batch", registry=r)

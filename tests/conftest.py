@@ -66,13 +66,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return train_tokenizer()
 
 
-def tiny_model(family: str, vocab_size: int) -> torch.nn.Module:
+def tiny_model(family: str, vocab_size: int, sliding_window: int = 16) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0)
     if family == "gemma":
         config = Gemma3TextConfig(**common, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                                  head_dim=16, sliding_window=16, max_position_embeddings=256)
+                                  head_dim=16, sliding_window=sliding_window, max_position_embeddings=256)
         model = Gemma3ForCausalLM(config)
     elif family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=64, num_attention_heads=2,

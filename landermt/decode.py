@@ -1,0 +1,155 @@
+"""Continuous batching for greedy translation: rows join and leave one running batch between steps.
+
+`greedy` (generate.py) runs a fixed batch until its longest row ends. Here a `RunningBatch` keeps
+the KV cache of every unfinished row; `admit()` prefills newly arrived rows (one forward over just
+them) and merges their cache into the running one; `decode()` runs one step for all rows with
+per-row pair ids (landermt.routing). A row leaves as soon as it stops (EOS, a newline, or its own
+`max_new_tokens`), so short translations never wait for long ones and new requests never wait for
+a whole batch to finish.
+
+Merging: rows are left-padded, so two caches of lengths T1 < T2 merge by left-padding the shorter
+one with masked zeros to T2. A sliding-window cache layer (Gemma 3) keeps only its last W − 1
+positions, after which padding no longer lines up; rows are therefore admitted only while the
+merged length stays below W (`can_admit`), and otherwise wait for the running batch to drain.
+Outputs equal `greedy`'s for the same rows (the padding is masked out; tests check it).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from landermt.generate import Generation, stop_token_ids
+from landermt.routing import route
+
+
+@dataclass
+class Request:
+    """One row: `key` is the caller's handle for it."""
+
+    key: object
+    prompt: str
+    pair_id: int | None
+    max_new_tokens: int
+    prompt_tokens: int = 0
+    new: list[int] = field(default_factory=list)
+
+
+class RunningBatch:
+    def __init__(self, model, tokenizer, routed: bool):
+        self.model, self.tokenizer, self.routed = model, tokenizer, routed
+        self.stops = set(stop_token_ids(tokenizer))
+        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.window = self._sliding_window(model.config)
+        self.rows: list[Request] = []
+        self.ids = self.mask = self.cache = None  # [B, T] tokens (the last one not yet in the cache), mask, cache
+
+    @staticmethod
+    def _sliding_window(config) -> int | None:
+        types = getattr(config, "layer_types", None) or []
+        return getattr(config, "sliding_window", None) if any("sliding" in t for t in types) else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def can_admit(self, prompt_tokens: int) -> bool:
+        """Whether a row with this many prompt tokens can join now without misaligning a sliding window."""
+        if self.window is None or self.ids is None:
+            return True
+        return max(self.ids.shape[1], prompt_tokens + 1) < self.window
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt).input_ids)
+
+    # --- steps ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def admit(self, requests: list[Request]) -> list[tuple[Request, Generation]]:
+        """Prefill `requests` (their first token is then computed) and add them to the batch; returns the
+        ones that already finished."""
+        self.tokenizer.padding_side = "left"
+        encoded = self.tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
+        for request, n in zip(requests, encoded["attention_mask"].sum(dim=1).tolist(), strict=True):
+            request.prompt_tokens = n
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(encoded["input_ids"], encoded["attention_mask"], cache, [r.pair_id for r in requests])
+        ids = torch.cat([encoded["input_ids"], logits.argmax(-1, keepdim=True)], dim=1)
+        self._merge(requests, ids, F.pad(encoded["attention_mask"], (0, 1), value=1), cache)
+        return self._retire(len(requests))
+
+    @torch.no_grad()
+    def decode(self) -> list[tuple[Request, Generation]]:
+        """One new token for every row; returns the rows that finished."""
+        if not self.rows:
+            return []
+        logits = self._forward(self.ids[:, -1:], self.mask, self.cache, [r.pair_id for r in self.rows])
+        self.ids = torch.cat([self.ids, logits.argmax(-1, keepdim=True)], dim=1)
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        return self._retire(len(self.rows))
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, pair_ids: list[int | None]):
+        kwargs = {"attention_mask": mask, "past_key_values": cache, "use_cache": True}
+        if self.takes_positions:
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            kwargs["position_ids"] = positions[:, -ids.shape[1]:]
+        with route(torch.tensor(pair_ids) if self.routed else None):
+            return self.model(input_ids=ids, **kwargs).logits[:, -1]
+
+    # --- bookkeeping -----------------------------------------------------------------------------------------
+    def _merge(self, admitted: list[Request], ids: torch.Tensor, mask: torch.Tensor, cache) -> None:
+        """Append the admitted rows (ids [n, T'], their cache covering T' − 1 positions) to the running batch."""
+        if self.ids is None:
+            self.rows, self.ids, self.mask, self.cache = list(admitted), ids, mask, cache
+            return
+        length = max(self.ids.shape[1], ids.shape[1])
+        pad = self.tokenizer.pad_token_id
+        self.ids = torch.cat([_pad_left(self.ids, length, pad), _pad_left(ids, length, pad)])
+        self.mask = torch.cat([_pad_left(self.mask, length, 0), _pad_left(mask, length, 0)])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            # the cache covers every position but the newest token's
+            mine.keys = torch.cat([_pad_left(mine.keys, length - 1), _pad_left(theirs.keys, length - 1)])
+            mine.values = torch.cat([_pad_left(mine.values, length - 1), _pad_left(theirs.values, length - 1)])
+            if hasattr(mine, "cumulative_length"):  # sliding-window layer, below its window (can_admit)
+                mine.cumulative_length = length - 1
+        self.rows += admitted
+
+    def _retire(self, count: int) -> list[tuple[Request, Generation]]:
+        """Record the newest token of the last `count` rows; drop the rows that have stopped."""
+        done, keep = [], []
+        for index, row in enumerate(self.rows):
+            if index >= len(self.rows) - count:
+                row.new.append(int(self.ids[index, -1]))
+            if row.new and (row.new[-1] in self.stops or len(row.new) >= row.max_new_tokens):
+                text = self.tokenizer.decode(row.new, skip_special_tokens=True)
+                done.append((row, Generation(text.strip().split("\n", 1)[0].strip(), row.prompt_tokens,
+                                             len(row.new))))
+            else:
+                keep.append(index)
+        if len(keep) < len(self.rows):
+            if not keep:
+                self.rows, self.ids, self.mask, self.cache = [], None, None, None
+            else:
+                index = torch.tensor(keep)
+                self.rows = [self.rows[i] for i in keep]
+                self.ids, self.mask = self.ids[index], self.mask[index]
+                self.cache.batch_select_indices(index)
+                self._trim()
+        return done
+
+    def _trim(self) -> None:
+        """Drop left columns that are padding in every remaining row (keeps the batch short)."""
+        unused = int((self.mask.cumsum(-1) == 0).all(dim=0).sum())
+        if unused and self.window is None:
+            self.ids, self.mask = self.ids[:, unused:], self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+
+
+def _pad_left(t: torch.Tensor, length: int, value: int = 0) -> torch.Tensor:
+    """Left-pad the position axis (last for [B, T] ids and masks, −2 for [B, heads, T, dim] caches) to `length`."""
+    if t.dim() == 2:
+        return F.pad(t, (length - t.shape[-1], 0), value=value)
+    return F.pad(t, (0, 0, length - t.shape[-2], 0), value=value)
