@@ -46,7 +46,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/landermt/cache/gemma-3-270m-bf16 /opt/landermt/cache/gemma-3-270m-bf16
 COPY --from=data / /opt/landermt/data/
 WORKDIR /app
-# Run presets for `python -m training.run --config configs/quick.yaml` (the training Job).
+# Run presets for `python -m training.run --config configs/quick-tuned.yaml` (the training Job).
 COPY configs configs
 USER 10001:10001
 # Trained artifacts and the SQLite job database outlive the container.

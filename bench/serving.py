@@ -159,7 +159,7 @@ def fixed_generation_seconds(model, tokenizer, prompts: list[str], pair_ids: lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifact", default=str(ROOT / "runs" / "quick-tuned-landermt" / "artifact"))
+    parser.add_argument("--artifact", default="runs/quick-tuned-landermt/artifact")
     parser.add_argument("--model", default=None, help="base model directory (default: Gemma 3 270M)")
     parser.add_argument("--sentences", type=int, default=64, help="sentences per load level (concurrency 1: 1/4)")
     args = parser.parse_args()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from landermt.generate import Generation, stop_token_ids
+from landermt.generate import Generation, first_line, stop_token_ids
 from landermt.routing import route
 
 
@@ -43,7 +43,9 @@ class RunningBatch:
     def __init__(self, model, tokenizer, routed: bool):
         self.model, self.tokenizer, self.routed = model, tokenizer, routed
         self.stops = set(stop_token_ids(tokenizer))
-        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self.takes_positions = "position_ids" in parameters
+        self.keeps_last_logits = "logits_to_keep" in parameters  # prefill skips the LM head on every other position
         self.window = self._sliding_window(model.config)
         self.rows: list[Request] = []
         self.ids = self.mask = self.cache = None  # [B, T] tokens (the last one not yet in the cache), mask, cache
@@ -92,6 +94,8 @@ class RunningBatch:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, pair_ids: list[int | None]):
         kwargs = {"attention_mask": mask, "past_key_values": cache, "use_cache": True}
+        if self.keeps_last_logits:
+            kwargs["logits_to_keep"] = 1
         if self.takes_positions:
             positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
             kwargs["position_ids"] = positions[:, -ids.shape[1]:]
@@ -124,8 +128,7 @@ class RunningBatch:
                 row.new.append(int(self.ids[index, -1]))
             if row.new and (row.new[-1] in self.stops or len(row.new) >= row.max_new_tokens):
                 text = self.tokenizer.decode(row.new, skip_special_tokens=True)
-                done.append((row, Generation(text.strip().split("\n", 1)[0].strip(), row.prompt_tokens,
-                                             len(row.new))))
+                done.append((row, Generation(first_line(text), row.prompt_tokens, len(row.new))))
             else:
                 keep.append(index)
         if len(keep) < len(self.rows):

@@ -28,6 +28,11 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(_stop_ids(tokenizer))
 
 
+def first_line(text: str) -> str:
+    """A translation is one line: the decoded text up to its first newline, stripped."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
@@ -66,5 +71,5 @@ def greedy(model, tokenizer, prompts: list[str], pair_ids: list[int] | None, max
     stopped = torch.isin(generated, torch.tensor(stops))
     new_tokens = torch.where(stopped.any(dim=1), stopped.int().argmax(dim=1) + 1, generated.shape[1])
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    return [Generation(text.strip().split("\n", 1)[0].strip(), int(n_prompt), int(n_new))
+    return [Generation(first_line(text), int(n_prompt), int(n_new))
             for text, n_prompt, n_new in zip(texts, encoded["attention_mask"].sum(dim=1), new_tokens, strict=True)]

@@ -75,8 +75,12 @@ class Engine:
         self.sequence = itertools.count()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
         self.scheduler: asyncio.Task | None = None
-        self.running = RunningBatch(model, tokenizer, routed=artifact is not None)
+        self.running = self._new_batch()
         stop_token_ids(tokenizer)  # scans the vocabulary once, here rather than in the first request
+
+    def _new_batch(self) -> RunningBatch:
+        """The running batch of continuous batching (another backend supplies its own)."""
+        return RunningBatch(self.model, self.tokenizer, routed=self.artifact is not None)
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Engine:
@@ -197,7 +201,7 @@ class Engine:
                 for row in [*admitted, *(request.key for request in self.running.rows)]:
                     if not row.future.done():
                         row.future.set_exception(error)
-                self.running = RunningBatch(self.model, self.tokenizer, routed=self.artifact is not None)
+                self.running = self._new_batch()
                 continue
             self.metrics.batch_seconds.observe(time.monotonic() - started)
             for row, generation in finished:

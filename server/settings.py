@@ -14,7 +14,9 @@ class Settings:
     model: str | None = None  # base model directory; None: the default Gemma 3 270M
     host: str = "127.0.0.1"
     port: int = 8000
-    backend: str = "torch"
+    backend: str = "torch"  # "torch" (server/engine.py) or "vllm" (server/vllm_engine.py, needs landermt[vllm])
+    tensor_parallel_size: int = 1  # vllm backend: GPUs the model is split over
+    gpu_memory_utilization: float = 0.9  # vllm backend: memory share for weights + KV cache (CPU: of RAM)
     dtype: str = "bfloat16"
     max_batch_size: int = 16  # rows (texts) per forward
     max_wait_ms: float = 5.0  # how long a batch waits to fill once its first row is queued
@@ -36,8 +38,8 @@ class Settings:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
                                 type=lambda v, t=f.type: _parse(t, v), help=f"(default: {default})")
         args = parser.parse_args(argv)
-        if args.backend != "torch":
-            parser.error(f"backend {args.backend!r} is not available; choose: torch")
+        if args.backend not in ("torch", "vllm"):
+            parser.error(f"backend {args.backend!r} is not available; choose: torch, vllm")
         return cls(**vars(args))
 
 
