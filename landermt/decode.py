@@ -10,7 +10,8 @@ a whole batch to finish.
 Merging: rows are left-padded, so two caches of lengths T1 < T2 merge by left-padding the shorter
 one with masked zeros to T2. A sliding-window cache layer (Gemma 3) keeps only its last W − 1
 positions, after which padding no longer lines up; rows are therefore admitted only while the
-merged length stays below W (`can_admit`), and otherwise wait for the running batch to drain.
+merged length stays below W (`can_admit`), and otherwise wait. Columns that are padding in every row
+are dropped as rows leave, so a busy batch stays as short as its longest live row.
 Outputs equal `greedy`'s for the same rows (the padding is masked out; tests check it).
 """
 
@@ -143,12 +144,19 @@ class RunningBatch:
         return done
 
     def _trim(self) -> None:
-        """Drop left columns that are padding in every remaining row (keeps the batch short)."""
+        """Drop left columns that are padding in every remaining row, so a batch that never drains does not
+        grow without end. A sliding-window layer that has already cut its cache no longer lines up with the
+        columns: then nothing is trimmed."""
         unused = int((self.mask.cumsum(-1) == 0).all(dim=0).sum())
-        if unused and self.window is None:
-            self.ids, self.mask = self.ids[:, unused:], self.mask[:, unused:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+        layers = self.cache.layers
+        if not unused or any(getattr(layer, "cumulative_length", layer.keys.shape[-2]) != layer.keys.shape[-2]
+                             for layer in layers):
+            return
+        self.ids, self.mask = self.ids[:, unused:], self.mask[:, unused:]
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = layer.keys.shape[-2]
 
 
 def _pad_left(t: torch.Tensor, length: int, value: int = 0) -> torch.Tensor:

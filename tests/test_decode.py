@@ -77,3 +77,13 @@ def test_each_row_stops_at_its_own_limit(tokenizer):
         done += batch.decode()
     lengths = {request.key: generation.new_tokens for request, generation in done}
     assert all(lengths[n] <= n for n in (1, 3, 5)) and len(lengths) == 3
+
+
+def test_padding_left_by_finished_rows_is_trimmed(tokenizer):
+    model = routed(tiny_model("gemma", len(tokenizer), sliding_window=64))
+    batch = RunningBatch(model, tokenizer, routed=True)
+    batch.admit([Request("long", PROMPTS[3], 1, 1), Request("short", PROMPTS[1], 2, MAX_NEW)])
+    # the long row stopped at its 1-token limit; only the short row's own columns remain
+    assert [r.key for r in batch.rows] == ["short"]
+    assert batch.ids.shape[1] == batch.prompt_tokens(PROMPTS[1]) + 1
+    assert all(layer.keys.shape[-2] == batch.ids.shape[1] - 1 for layer in batch.cache.layers)
