@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import vllm
 from report import update_section  # bench/report.py, beside this script
-from serving import BATCH, CONCURRENCY, _free_port, serve_and_load, workload  # bench/serving.py
+from serving import BATCH, CONCURRENCY, _free_port, load_table, serve_and_load, workload  # bench/serving.py
 
 from landermt.artifact import load_artifact
 from server.engine import Engine
@@ -97,12 +97,7 @@ def main() -> None:
 
 def write_markdown(r: dict) -> None:
     m = r["machine"]
-    rows = ["| backend | concurrency | sentences | sentences/s | tokens/s | p50 s | p95 s |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for backend in ("torch", "vllm"):
-        for x in r["load"][backend]:
-            rows.append(f"| {backend} | {x['concurrency']} | {x['sentences']} | {x['sentences_per_s']:.2f} | "
-                        f"{x['tokens_per_s']:.1f} | {x['p50_s']:.2f} | {x['p95_s']:.2f} |")
+    rows = load_table("backend", {backend: r["load"][backend] for backend in ("torch", "vllm")})
     section = "\n".join([
         "## Backends: torch vs vLLM (default model)",
         "",

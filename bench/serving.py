@@ -229,14 +229,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_markdown(r: dict) -> None:
-    m = r["machine"]
-    rows = ["| server | concurrency | sentences | sentences/s | tokens/s | p50 s | p95 s |",
+def load_table(column: str, loads: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows of `load()` results, one per (name, concurrency level)."""
+    rows = [f"| {column} | concurrency | sentences | sentences/s | tokens/s | p50 s | p95 s |",
             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in ("routed", "routing off"):
-        for x in r["load"][name]:
+    for name, levels in loads.items():
+        for x in levels:
             rows.append(f"| {name} | {x['concurrency']} | {x['sentences']} | {x['sentences_per_s']:.2f} | "
                         f"{x['tokens_per_s']:.1f} | {x['p50_s']:.2f} | {x['p95_s']:.2f} |")
+    return rows
+
+
+def write_markdown(r: dict) -> None:
+    m = r["machine"]
+    rows = load_table("server", {name: r["load"][name] for name in ("routed", "routing off")})
     n = r["load"]["naive"]
     rows.append(f"| naive (transformers generate, one at a time) | 1 | {n['sentences']} | "
                 f"{n['sentences_per_s']:.2f} | {n['tokens_per_s']:.1f} | | |")

@@ -73,15 +73,21 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tenso
     return mlp(x, pair_ids) if isinstance(mlp, RoutedMLP) else mlp(x)
 
 
-def _gemma3_layer(layer: Gemma3DecoderLayer, positions: torch.Tensor, hidden_states: torch.Tensor,
-                  residual: torch.Tensor | None, pair_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gemma3DecoderLayer.forward (vLLM 0.32) with the MLP called with the pair ids."""
+def _attention(layer: nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor,
+               residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The start both families' decoder layers share: fused input norm + residual, then self-attention."""
     if residual is None:
         residual = hidden_states
         hidden_states = layer.input_layernorm(hidden_states)
     else:
         hidden_states, residual = layer.input_layernorm(hidden_states, residual)
-    hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states)
+    return layer.self_attn(positions=positions, hidden_states=hidden_states), residual
+
+
+def _gemma3_layer(layer: Gemma3DecoderLayer, positions: torch.Tensor, hidden_states: torch.Tensor,
+                  residual: torch.Tensor | None, pair_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma3DecoderLayer.forward (vLLM 0.32) with the MLP called with the pair ids."""
+    hidden_states, residual = _attention(layer, positions, hidden_states, residual)
     hidden_states = layer.post_attention_layernorm(hidden_states)
     hidden_states, residual = layer.pre_feedforward_layernorm(hidden_states, residual)
     hidden_states = _mlp(layer.mlp, hidden_states, pair_ids)
@@ -92,12 +98,7 @@ def _gemma3_layer(layer: Gemma3DecoderLayer, positions: torch.Tensor, hidden_sta
 def _llama_layer(layer: LlamaDecoderLayer, positions: torch.Tensor, hidden_states: torch.Tensor,
                  residual: torch.Tensor | None, pair_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LlamaDecoderLayer.forward (vLLM 0.32) with the MLP called with the pair ids."""
-    if residual is None:
-        residual = hidden_states
-        hidden_states = layer.input_layernorm(hidden_states)
-    else:
-        hidden_states, residual = layer.input_layernorm(hidden_states, residual)
-    hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states)
+    hidden_states, residual = _attention(layer, positions, hidden_states, residual)
     hidden_states, residual = layer.post_attention_layernorm(hidden_states, residual)
     hidden_states = _mlp(layer.mlp, hidden_states, pair_ids)
     return hidden_states, residual
