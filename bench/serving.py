@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -113,7 +114,9 @@ async def load(base: str, items: list[tuple[str, str, str]], concurrency: int) -
             "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)}
 
 
-def serve_and_load(engine: Engine, items: list[tuple[str, str, str]], sentences: int) -> list[dict]:
+def serve_and_load(engine: Engine, items: list[tuple[str, str, str]], sentences: int,
+                   then: Callable[[str], object] | None = None) -> list[dict]:
+    """Load levels against the engine behind the real HTTP server; `then(base_url)` runs before it stops."""
     out = []
     with tempfile.TemporaryDirectory() as tmp, ServerThread(engine, Path(tmp) / "jobs.sqlite3") as base:
         httpx.post(f"{base}/translate", json={"q": items[0][2], "source": items[0][0], "target": items[0][1]},
@@ -122,6 +125,8 @@ def serve_and_load(engine: Engine, items: list[tuple[str, str, str]], sentences:
             n = max(8, sentences // 4) if concurrency == 1 else sentences
             out.append(asyncio.run(load(base, items[:n], concurrency)))
             print(out[-1], flush=True)
+        if then is not None:
+            then(base)
     return out
 
 

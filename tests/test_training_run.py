@@ -108,7 +108,33 @@ def test_every_method_runs_through_the_same_pipeline(tmp_path, method):
     assert (tmp_path / method / "artifact" / "ffn.safetensors").exists() == (method in ("ls", "lg"))
 
 
+def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
+    """The transfer-matrix setting: only en-de rows train, so under routing only general, en- and
+    de-specific neurons move, and every direction is still evaluated."""
+    config = smoke_config(tmp_path, data__train_directions=["en-de"], train__steps=4, eval__limit=2)
+    out = tmp_path / "en-de"
+    run_main(["--config", str(config), "--output", str(out)])
+    assert len(json.loads((out / "eval.json").read_text())["testsets"]["flores"]) == 10
+    artifact = load_artifact(out / "artifact")
+    languages = artifact.manifest.languages
+    base = load_file(next((out / "base_model").glob("*.safetensors")))
+    moved = {lang: False for lang in ["general", *languages]}
+    for key, value in load_file(out / "trained.safetensors").items():
+        _, layer, attr, _ = key.split(".")
+        axis = 1 if attr == "down_proj" else 0
+        delta = (value - base[f"model.layers.{layer}.mlp.{attr}.weight"]).abs().amax(dim=1 - axis)
+        owner = artifact.partition.layers[int(layer)].specific
+        moved["general"] |= bool(delta[owner == -1].any())
+        for index, lang in enumerate(languages):
+            moved[lang] |= bool(delta[owner == index].any())
+    others = ("fr", "it", "ar", "zh")
+    owning = {languages[i] for part in artifact.partition.layers.values() for i in part.specific.tolist() if i >= 0}
+    assert set(others) <= owning  # the check below is not vacuous
+    assert moved["general"] and not any(moved[lang] for lang in others)
+
+
 @pytest.mark.parametrize("body,message", [
+    ({"data": {"train_directions": ["de-fr"]}}, "data.train_directions: de-fr not among en-de, de-en"),
     ({"train": {"lr": -1}}, "train.lr: Input should be greater than 0"),
     ({"train": {"learning_rate": 1}}, "train.learning_rate: Extra inputs are not permitted"),
     ({"method": {"name": "magic"}}, "method.name: Input should be"),

@@ -44,6 +44,16 @@ class DataConfig(Strict):
     max_length_ratio: float = Field(3.0, gt=1.0)  # drop pairs whose character lengths differ more
     max_tokens: int = Field(256, gt=8)
     dev_examples_per_direction: int = Field(50, ge=0)  # FLORES dev lines for periodic evaluation
+    # Finetune (and pick the best checkpoint) on these directions only, e.g. [en-de] for the transfer matrix;
+    # detection, scoring and evaluation still cover every direction. None: all of them.
+    train_directions: list[str] | None = None
+
+    def directions(self) -> list[str]:
+        """Both directions of every language paired with English: en-de, de-en, en-fr, ..."""
+        return [d for lang in self.languages for d in (f"en-{lang}", f"{lang}-en")]
+
+    def trained_directions(self) -> list[str]:
+        return self.train_directions or self.directions()
 
 
 class MethodConfig(Strict):
@@ -98,6 +108,10 @@ class RunConfig(Strict):
             raise ValueError("method.layers: give distinct non-negative layer indices, or leave it out")
         if "en" in self.data.languages:
             raise ValueError("data.languages lists the languages paired with English; drop 'en'")
+        unknown = set(self.data.train_directions or []) - set(self.data.directions())
+        if unknown or self.data.train_directions == []:
+            raise ValueError(f"data.train_directions: {', '.join(sorted(unknown)) or '(empty)'} not among "
+                             f"{', '.join(self.data.directions())} (the directions of data.languages)")
         return self
 
 

@@ -79,10 +79,6 @@ class Run:
             f.write(json.dumps(entry) + "\n")
 
 
-def directions(config: RunConfig) -> list[str]:
-    return [d for lang in config.data.languages for d in (f"en-{lang}", f"{lang}-en")]
-
-
 def load_base(run: Run):
     """The base model: a tiny random one (built once, saved under OUTPUT/base_model) or a real one."""
     c = run.config
@@ -140,7 +136,9 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
     prepared = prepare(model, c.method, artifact.partition if artifact else None)
     if c.method.name not in FINETUNED:
         return prepared.model, None
-    key = fingerprint(upstream, c.method.model_dump(), c.train.model_dump(), c.data.model_dump())
+    # train_directions is left out when unset, so runs made before it existed keep their cached weights
+    data = c.data.model_dump(exclude=set() if c.data.train_directions else {"train_directions"})
+    key = fingerprint(upstream, c.method.model_dump(), c.train.model_dump(), data)
     trained_path = run.output / "trained.safetensors"
     if run.cached("finetune", key, "trained.safetensors"):
         print("finetune: cached", flush=True)
@@ -149,10 +147,12 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
         pairs = train_data.training_pairs(c.data.root, c.data.languages, min_chars=c.data.min_chars,
                                           max_chars=c.data.max_chars, max_ratio=c.data.max_length_ratio,
                                           max_per_direction=c.data.max_examples_per_direction, seed=c.train.seed)
+        trained = c.data.trained_directions()
+        pairs = [p for p in pairs if f"{p.source_lang}-{p.target_lang}" in trained]
         examples = train_data.encode(tokenizer, pairs, c.data.max_tokens, c.train.seed)
         dev = [(train_data.Pair(s, t, a, b), translation_example(tokenizer, DEFAULT_TEMPLATE, s, t, a, b,
                                                                   c.data.max_tokens))
-               for d in directions(c) for s, t in [d.split("-")]
+               for d in trained for s, t in [d.split("-")]
                for a, b in train_data.flores(c.data.root, "dev", s, t)[: c.data.dev_examples_per_direction]]
         partition = artifact.partition if artifact else None
         trainer = Trainer(prepared, examples, dev,
@@ -179,6 +179,8 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
         params = {name: p for name, p, _ in prepared.trainable}
         for name, value in best.items():
             params[name].copy_(value)
+    if c.method.name == "lora":  # merged as one would deploy it; PEFT's unmerged generation is ~10x slower here
+        return prepared.model.merge_and_unload(), key
     if artifact is not None and prepared.routed and run.rank == 0:  # the artifact serves routed methods only
         family = family_of(model)
         save_artifact(run.output / "artifact", artifact.manifest, artifact.partition,
@@ -208,7 +210,7 @@ def stage_evaluate(run: Run, model, tokenizer, artifact, base_perplexity: dict[s
     model.eval()
     results: dict = {"method": c.method.name, "testsets": {}}
     for name in c.eval.testsets:
-        usable = [d for d in directions(c) if _has(c, name, d)]
+        usable = [d for d in c.data.directions() if _has(c, name, d)]
         scores = evaluate_directions(model, tokenizer, DEFAULT_TEMPLATE, usable, name, c.data.root, c.eval.limit,
                                      pair_id, c.eval.batch_size, c.eval.max_new_tokens, shots)
         results["testsets"][name] = scores
