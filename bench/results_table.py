@@ -12,7 +12,9 @@ Also plots the given runs' training and dev loss curves to docs/figures/loss_cur
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 from pathlib import Path
 
 import yaml
@@ -29,6 +31,13 @@ def row_name(method: str, config: dict, run: Path) -> str:
     layers = partition["layers"]
     span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
     return f"{method} (layers {span}" + (f", car {config['method']['car']})" if method != "layers" else ")")
+
+
+def seconds_per_step(log: list[dict]) -> float | None:
+    """Median wall time between consecutive steps: a run paused, resumed or slowed by a dev evaluation
+    now and then still reads as its usual pace."""
+    gaps = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(log) if b["step"] == a["step"] + 1]
+    return round(statistics.median(gaps), 2) if gaps else None
 
 
 def main() -> None:
@@ -53,7 +62,7 @@ def main() -> None:
             "perplexity_change": sum(v["after"] / v["base"] - 1 for v in ppl.values()) / len(ppl),
             "sentences": next(iter(scores.values()))["sentences"],
             "steps": config["train"]["steps"] if result["method"] not in ("zero_shot", "few_shot") else 0,
-            "seconds_per_step": round(log[-1]["seconds"] / log[-1]["step"], 2) if log else None,
+            "seconds_per_step": seconds_per_step(log),
             "train_peak_rss_mib": max((e.get("peak_rss_mib") or 0 for e in log), default=None) or None,
             "run": str(run),
         }

@@ -147,6 +147,16 @@ def test_config_errors_name_the_key(tmp_path, body, message):
         load_config(path)
 
 
+def test_set_overrides_config_values_and_names_bad_ones():
+    config = load_config(SMOKE, ["train.lr=3e-4", "method.layers=[0, 2]", "data.train_directions=[en-de]"])
+    assert (config.train.lr, config.method.layers, config.data.train_directions) == (3e-4, [0, 2], ["en-de"])
+    with pytest.raises(ConfigError, match=r"train\.nope: Extra inputs are not permitted"):
+        load_config(SMOKE, ["train.nope=1"])
+    for bad in ("train.lr", "train.lr.x=1", "=3"):
+        with pytest.raises(ConfigError, match=r"expected SECTION\.KEY=VALUE"):
+            load_config(SMOKE, [bad])
+
+
 def test_presets_are_valid():
     for name in ("smoke", "quick", "paper"):
         config = load_config(ROOT / "configs" / f"{name}.yaml")

@@ -119,12 +119,22 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """The YAML file, with `overrides` ("train.lr=3e-4", values parsed as YAML) applied before validation."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read YAML ({e})") from None
+    for assignment in overrides:
+        key, sep, value = assignment.partition("=")
+        *sections, leaf = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {}) if isinstance(node, dict) else None
+        if not sep or not key or not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment}: expected SECTION.KEY=VALUE, e.g. train.lr=3e-4")
+        node[leaf] = yaml.safe_load(value)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:

@@ -16,7 +16,9 @@ alone writes checkpoints and logs. On CPU the gloo backend is used.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import gc
 import json
 import math
 import shutil
@@ -41,7 +43,12 @@ CHECKPOINT = "checkpoint"
 
 
 def reset_peak_rss() -> None:
-    """Restart the kernel's peak-RSS counter (Linux), so training's peak excludes earlier stages."""
+    """Restart the kernel's peak-RSS counter (Linux), so training's peak excludes earlier stages.
+    Memory those stages freed is first handed back to the system (glibc keeps it otherwise, and it
+    would count as resident: a run that scored neurons in-process read 1.6 GiB higher)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 

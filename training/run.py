@@ -1,6 +1,6 @@
 """The training pipeline: detect → score → partition → finetune → evaluate.
 
-    python -m training.run --config configs/quick.yaml [--output DIR] [--resume]
+    python -m training.run --config configs/quick.yaml [--output DIR] [--resume] [--set train.lr=3e-4]
 
 Each stage records a fingerprint of its inputs in OUTPUT/stages.json and is skipped when they are
 unchanged and its outputs exist. A finetuning run that was killed continues from its last
@@ -247,9 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted finetuning run")
     parser.add_argument("--method", choices=METHODS, help="override method.name (baselines, ablations)")
     parser.add_argument("--skip-eval", action="store_true", help="stop after finetuning (the artifact is ready)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, args.set)
     except ConfigError as e:
         parser.exit(2, f"error: {e}\n")
     if args.method:
