@@ -127,9 +127,9 @@ def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
         moved["general"] |= bool(delta[owner == -1].any())
         for index, lang in enumerate(languages):
             moved[lang] |= bool(delta[owner == index].any())
-    others = ("fr", "it", "ar", "zh")
     owning = {languages[i] for part in artifact.partition.layers.values() for i in part.specific.tolist() if i >= 0}
-    assert set(others) <= owning  # the check below is not vacuous
+    others = owning - {"en", "de"}  # languages with specific neurons that en-de rows never reach
+    assert len(others) >= 2  # so the check below is not vacuous
     assert moved["general"] and not any(moved[lang] for lang in others)
 
 
