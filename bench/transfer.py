@@ -38,13 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ("artifact/manifest.json", "artifact/partitions.safetensors", "base_perplexity.json")
 
 
-def train(config: dict, output: Path, method: str | None = None) -> dict:
+def train(config: dict, output: Path) -> dict:
     """One training.run into `output` (resumable, cached): its FLORES scores per direction."""
     output.mkdir(parents=True, exist_ok=True)
     path = output / "input.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    command = [sys.executable, "-m", "training.run", "--config", str(path), "--output", str(output), "--resume"]
-    subprocess.run(command + (["--method", method] if method else []), check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "training.run", "--config", str(path), "--output", str(output), "--resume"],
+                   check=True, cwd=ROOT)
     return json.loads((output / "eval.json").read_text())["testsets"]["flores"]
 
 
