@@ -122,12 +122,13 @@ def plot(gains: dict[str, dict[str, float]], columns: list[str], path: Path) -> 
 
 def write_markdown(r: dict, name: str, figure: Path) -> None:
     columns = list(r["zero_shot_bleu"])
+    subset = f" --directions {','.join(r['gain'])}" if len(r["gain"]) < len(columns) else ""
     table = ["| finetuned on | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns),
              "| (zero-shot BLEU) | " + " | ".join(f"{r['zero_shot_bleu'][c]:.1f}" for c in columns) + " |"]
     table += [f"| {d} | " + " | ".join(f"{g[c]:+.1f}" for c in columns) + " |" for d, g in r["gain"].items()]
     section = "\n".join([
         f"## Transfer ({name})", "",
-        f"`python bench/transfer.py --config {r['config']} --steps {r['steps']} --limit {r['limit']}` "
+        f"`python bench/transfer.py --config {r['config']}{subset} --steps {r['steps']} --limit {r['limit']}` "
         f"(`bench/results/transfer_{name}.json`): {r['method']} finetuned on one direction for {r['steps']} steps, "
         f"BLEU gain over zero-shot on each direction (first {r['limit']} FLORES devtest sentences), as in the "
         "paper's Fig. 3.", "", *table, "", f"![transfer]({figure.relative_to(ROOT / 'docs')})", ""])
