@@ -120,11 +120,13 @@ def _load_artifact(vllm_config: VllmConfig) -> Artifact:
 
 
 class _RoutedModel:
-    """The inner model's routing: patches the selected layers and runs every layer with the pair ids."""
+    """The inner model's routing: built with the artifact, it patches the selected layers, and runs every
+    layer with the pair ids. Subclasses name their family's decoder-layer function."""
 
     layer_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
-    def route(self, artifact: Artifact) -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", artifact: Artifact):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         for index, table in artifact.partition.scale_tables().items():
             if self.start_layer <= index < self.end_layer:  # this pipeline stage's layers only
                 self.layers[index].mlp = RoutedMLP(self.layers[index].mlp, table)
@@ -150,18 +152,10 @@ class _RoutedModel:
 class LanderMTGemma3Model(_RoutedModel, Gemma3Model):
     layer_forward = staticmethod(_gemma3_layer)
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", artifact: Artifact):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.route(artifact)
-
 
 @support_torch_compile(dynamic_arg_dims=DYNAMIC_ARG_DIMS)
 class LanderMTLlamaModel(_RoutedModel, LlamaModel):
     layer_forward = staticmethod(_llama_layer)
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", artifact: Artifact):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.route(artifact)
 
 
 class _RoutedCausalLM:
