@@ -20,7 +20,7 @@ from report import update_section  # bench/report.py, beside this script
 from landermt.data import sample, training_corpora
 from landermt.families import family_of
 from landermt.models import load_model
-from landermt.partition import build_partition
+from landermt.partition import Partition, build_partition
 from landermt.prompts import DEFAULT_TEMPLATE, batches, collate, text_example, translation_example
 from landermt.routing import patch, unpatch
 from landermt.score import neuron_awareness
@@ -32,6 +32,24 @@ LANGUAGES = ("en", "ar", "de", "fr", "it", "zh")
 DIRECTIONS = [("en", "de"), ("de", "en"), ("en", "zh"), ("zh", "en"), ("en", "ar"), ("fr", "en")]
 LAYER_SETS = {"0-3 (detected)": [0, 1, 2, 3], "4-7": [4, 5, 6, 7], "8-11": [8, 9, 10, 11],
               "12-15": [12, 13, 14, 15], "14-17": [14, 15, 16, 17]}
+
+
+def dev_examples(tokenizer) -> list[tuple[tuple[str, str], dict]]:
+    """((source, target), example) for the first 8 FLORES dev sentences of each of DIRECTIONS."""
+    return [((s, t), translation_example(tokenizer, DEFAULT_TEMPLATE, s, t, a, b, 160))
+            for s, t in DIRECTIONS for a, b in flores(None, "dev", s, t)[:8]]
+
+
+def dev_loss(model, tokenizer, items: list, partition: Partition | None) -> float:
+    """Mean target-token loss over `items` in batches of 8; each row routed to its pair, or unrouted."""
+    losses = []
+    for start in range(0, len(items), 8):
+        chunk = items[start : start + 8]
+        ids = torch.tensor([partition.pair_id(*p) for p, _ in chunk]) if partition else None
+        with torch.no_grad():
+            batch = Batch(collate([e for _, e in chunk], tokenizer.pad_token_id), ids)
+            losses.append(mean_target_loss(model, batch).item())
+    return sum(losses) / len(losses)
 
 
 def main() -> None:
@@ -46,20 +64,8 @@ def main() -> None:
                                desc=f"score {lang}")
         for i in range(18):
             scores[i].append(phi[i])
-    items = [((s, t), translation_example(tokenizer, DEFAULT_TEMPLATE, s, t, a, b, 160))
-             for s, t in DIRECTIONS for a, b in flores(None, "dev", s, t)[:8]]
-
-    def dev_loss(partition) -> float:
-        losses = []
-        for start in range(0, len(items), 8):
-            chunk = items[start : start + 8]
-            ids = torch.tensor([partition.pair_id(*p) for p, _ in chunk]) if partition else None
-            with torch.no_grad():
-                batch = Batch(collate([e for _, e in chunk], tokenizer.pad_token_id), ids)
-                losses.append(mean_target_loss(model, batch).item())
-        return sum(losses) / len(losses)
-
-    results = {"base (no routing)": dev_loss(None), "settings": {}}
+    items = dev_examples(tokenizer)
+    results = {"base (no routing)": dev_loss(model, tokenizer, items, None), "settings": {}}
     for name, layers in LAYER_SETS.items():
         for normalisation in ("raw", "per-language mean"):
             phi = {i: torch.stack(scores[i]) for i in layers}
@@ -68,7 +74,8 @@ def main() -> None:
             for car in ("paper", "swapped", "off"):
                 partition = build_partition(phi, LANGUAGES, 0.9, car)
                 patch(model, family, partition.scale_tables())
-                results["settings"][f"{name} | {normalisation} | {car}"] = round(dev_loss(partition), 3)
+                loss = dev_loss(model, tokenizer, items, partition)
+                results["settings"][f"{name} | {normalisation} | {car}"] = round(loss, 3)
                 unpatch(model, family)
                 print(f"{name} | {normalisation} | {car}: {results['settings'][f'{name} | {normalisation} | {car}']}",
                       flush=True)
