@@ -8,7 +8,7 @@ FLORES dev examples as bench/routing_init_loss.py with every CAR mode (eqs. 8–
 with c and 1 − c swapped; plain masking) and unrouted (all neurons of every layer, no masking).
 The artifacts were trained under one mode, so the table shows what the routing of a trained model
 costs or gains at inference. Writes bench/results/routing_after_training.json and the matching
-section of docs/RESULTS.md.
+section of docs/RESULTS.md; rows for artifacts measured before and not named again are kept.
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifacts", nargs="*", default=DEFAULT_ARTIFACTS, help="finetuned artifact directories")
     args = parser.parse_args()
-    results = {directory: losses_of(directory) for directory in args.artifacts}
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "routing_after_training.json").write_text(json.dumps(results, indent=2) + "\n")
+    path = ROOT / "bench" / "results" / "routing_after_training.json"
+    results = json.loads(path.read_text()) if path.exists() else {}  # rows of artifacts not named are kept
+    results.update({directory: losses_of(directory) for directory in args.artifacts})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results)
 
 
