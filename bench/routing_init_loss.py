@@ -20,7 +20,7 @@ from report import update_section  # bench/report.py, beside this script
 from landermt.data import sample, training_corpora
 from landermt.families import family_of
 from landermt.models import load_model
-from landermt.partition import Partition, build_partition
+from landermt.partition import CAR_MODES, Partition, build_partition
 from landermt.prompts import DEFAULT_TEMPLATE, batches, collate, text_example, translation_example
 from landermt.routing import patch, unpatch
 from landermt.score import neuron_awareness
@@ -71,7 +71,7 @@ def main() -> None:
             phi = {i: torch.stack(scores[i]) for i in layers}
             if normalisation != "raw":
                 phi = {i: p / p.mean(dim=1, keepdim=True) for i, p in phi.items()}
-            for car in ("paper", "swapped", "off"):
+            for car in CAR_MODES:
                 partition = build_partition(phi, LANGUAGES, 0.9, car)
                 patch(model, family, partition.scale_tables())
                 loss = dev_loss(model, tokenizer, items, partition)
@@ -88,7 +88,7 @@ def write_markdown(results: dict) -> None:
     rows = ["| layers | Φ | paper | swapped | off |", "|---|---|---:|---:|---:|"]
     for name in LAYER_SETS:
         for normalisation in ("raw", "per-language mean"):
-            cells = [results["settings"][f"{name} | {normalisation} | {car}"] for car in ("paper", "swapped", "off")]
+            cells = [results["settings"][f"{name} | {normalisation} | {car}"] for car in CAR_MODES]
             rows.append(f"| {name} | {normalisation} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     section = "\n".join([
         "## Routing before finetuning (dev target loss)",
