@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from landermt.artifact import load_artifact
+from landermt.families import family_of
+from landermt.models import load_model
+from landermt.routing import unpatch
 from training import langid
 from training.data import TEMPLATES, encode, evaluation_set, keep, training_pairs
 from training.evaluate import main as evaluate_main
-from training.evaluate import score
+from training.evaluate import score, translate
 from training.run import main as run_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,3 +102,22 @@ def test_evaluate_cli_on_a_smoke_artifact(tmp_path, capsys):
         evaluate_main(["--artifact", str(tmp_path / "run" / "artifact"), "--model",
                        str(tmp_path / "run" / "base_model"), "--directions", "en-xx"])
     assert "not servable" in capsys.readouterr().err
+
+
+def test_evaluate_unrouted_serves_the_trained_weights_without_a_mask(tmp_path):
+    run_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output", str(tmp_path / "run")])
+    artifact_dir, base_dir = tmp_path / "run" / "artifact", tmp_path / "run" / "base_model"
+    out = tmp_path / "unrouted.json"
+    evaluate_main(["--artifact", str(artifact_dir), "--model", str(base_dir), "--directions", "en-de",
+                   "--limit", "3", "--unrouted", "--output", str(out)])
+    artifact = load_artifact(artifact_dir)
+    assert artifact.ffn is not None
+    model, tokenizer = load_model(str(base_dir), artifact.dtype)
+    artifact.apply(model)
+    sources = [s for s, _ in evaluation_set(None, "flores", "en", "de")[:3]]
+    template = artifact.manifest.prompt_template
+    routed = translate(model, tokenizer, template, "en", "de", sources, artifact.partition.pair_id("en", "de"))
+    unpatch(model, family_of(model))  # the same trained FFN weights in the plain model
+    unrouted = translate(model, tokenizer, template, "en", "de", sources)
+    outputs = [e["output"] for e in json.loads(out.read_text())["en-de"]["examples"]]
+    assert outputs == unrouted and outputs != routed

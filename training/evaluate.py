@@ -1,11 +1,13 @@
 """Evaluation: translate test sets, score BLEU / chrF, off-target rate, and forgetting.
 
     python -m training.evaluate --artifact DIR --testset flores [--model DIR] [--directions en-de,de-en]
-                                [--limit N] [--output FILE.json]
+                                [--limit N] [--unrouted] [--output FILE.json]
 
 BLEU is sacreBLEU with tokenize=13a (zh for Chinese targets), chrF with default settings; both
 signatures are reported. The off-target rate uses the offline check in langid.py. Forgetting is
 perplexity on held-out monolingual text per language, with and without the finetuned weights.
+`--unrouted` serves the artifact's trained FFN weights to every direction with no routing mask (every
+neuron, no CAR scaling), to measure what the routing itself adds or costs.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="sentences per direction")
     parser.add_argument("--data", default=None)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--unrouted", action="store_true",
+                        help="trained weights, but every neuron for every direction (no routing mask)")
     parser.add_argument("--output", default=None, help="JSON file (a .md table is written beside it)")
     args = parser.parse_args(argv)
 
@@ -113,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         src, _, tgt = direction.partition("-")
         if src not in m.languages or tgt not in m.languages or src == tgt:
             parser.error(f"direction {direction!r} is not servable; languages: {', '.join(m.languages)}")
+    pair_id = (lambda src, tgt: None) if args.unrouted else artifact.partition.pair_id
     results = evaluate_directions(model, tokenizer, m.prompt_template, directions, args.testset, args.data,
-                                  args.limit, artifact.partition.pair_id, args.batch_size)
+                                  args.limit, pair_id, args.batch_size)
     table = markdown_table(results)
     print(table)
     if args.output:
