@@ -6,7 +6,8 @@ Rows already in bench/results/table_<testset>.json are kept (runs need not all l
 machine); a run of the same name replaces its row. Writes that JSON and the "Methods on <testset>"
 section of docs/RESULTS.md: BLEU per direction and mean; mean chrF, off-target rate, perplexity
 change on held-out text (forgetting), and for finetuned runs seconds per step and peak training memory.
-Also plots the given runs' training and dev loss curves to docs/figures/loss_curves.png.
+Each finetuned row also keeps its loss curves (training loss per step, dev loss), so
+docs/figures/loss_curves.png plots every row that has them, wherever its run was made.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
             "steps": config["train"]["steps"] if result["method"] not in ("zero_shot", "few_shot") else 0,
             "seconds_per_step": seconds_per_step(log),
             "train_peak_rss_mib": max((e.get("peak_rss_mib") or 0 for e in log), default=None) or None,
+            "train_loss": [e["loss"] for e in log],
+            "dev_loss": {e["step"]: e["dev_loss"] for e in log if "dev_loss" in e},
             "run": str(run),
         }
     table.parent.mkdir(parents=True, exist_ok=True)
@@ -89,27 +92,23 @@ def main() -> None:
         "",
     ])
     update_section(ROOT / "docs" / "RESULTS.md", f"## Methods on {args.testset}", section, "Results")
-    plot_losses({name: r["run"] for name, r in rows.items()})
+    plot_losses({name: r for name, r in rows.items() if r.get("train_loss")})
     print(section)
 
 
-def plot_losses(runs: dict[str, str]) -> None:
-    """Training loss (moving average of 20 steps) and dev loss per finetuned run that is on this machine."""
+def plot_losses(rows: dict[str, dict]) -> None:
+    """Training loss (moving average of 20 steps) and dev loss of each row that has them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (train_ax, dev_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, run in runs.items():
-        path = Path(run) / "train_log.jsonl"
-        if not path.exists():
-            continue
-        log = [json.loads(line) for line in path.read_text().splitlines()]
-        losses = [e["loss"] for e in log]
+    for name, row in rows.items():
+        losses = row["train_loss"]
         smooth = [sum(losses[max(0, i - 19): i + 1]) / len(losses[max(0, i - 19): i + 1]) for i in range(len(losses))]
-        line, = train_ax.plot([e["step"] for e in log], smooth, label=name)
-        dev = [(e["step"], e["dev_loss"]) for e in log if "dev_loss" in e]
+        line, = train_ax.plot(range(1, len(losses) + 1), smooth, label=name)
+        dev = sorted((int(step), loss) for step, loss in row["dev_loss"].items())  # JSON keys are strings
         dev_ax.plot(*zip(*dev, strict=True), marker="o", color=line.get_color(), label=name)
     train_ax.set(title="training loss (20-step mean)", xlabel="step", ylabel="target-token loss")
     dev_ax.set(title="FLORES dev loss", xlabel="step")

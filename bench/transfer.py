@@ -9,7 +9,9 @@ the routing is the one served), `--steps` optimizer steps and `--limit` FLORES d
 direction, into runs/transfer-NAME/d. The baseline is the same config's zero-shot run. Cell (d, e)
 is BLEU on e after finetuning on d minus zero-shot BLEU on e. Runs resume and cache like any
 training run; the partition is computed once (or taken from `--partition-from`, a finished run of
-the same config) and copied to the others.
+the same config) and copied to the others. Rows of an earlier results file are kept when it was made
+with the same config, method, steps and limit and its zero-shot BLEU equals this run's, so the matrix
+can be filled a few directions at a time (runs/ is not kept between machines).
 
 Writes bench/results/transfer_NAME.json, docs/figures/transfer_NAME.png and the "Transfer (NAME)"
 section of docs/RESULTS.md.
@@ -93,11 +95,26 @@ def main() -> None:
     result = {"config": args.config, "method": base.method.name, "steps": args.steps, "limit": args.limit,
               "zero_shot_bleu": {e: zero_shot[e]["bleu"] for e in everything}, "gain": gains}
     name = base.name
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / f"transfer_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = ROOT / "bench" / "results" / f"transfer_{name}.json"
+    earlier = kept_rows(path, result)
+    result["gain"] = {d: (gains | earlier)[d] for d in everything if d in gains | earlier}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     figure = ROOT / "docs" / "figures" / f"transfer_{name}.png"
     plot(gains, everything, figure)
     write_markdown(result, name, figure)
+
+
+def kept_rows(path: Path, result: dict) -> dict[str, dict[str, float]]:
+    """Rows of an earlier results file that this run did not redo, if that file is comparable."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = ("config", "method", "steps", "limit", "zero_shot_bleu")
+    if any(earlier.get(key) != result[key] for key in same):
+        print(f"{path}: made with other settings or another zero-shot baseline; its rows are dropped", file=sys.stderr)
+        return {}
+    return {d: g for d, g in earlier["gain"].items() if d not in result["gain"]}
 
 
 def plot(gains: dict[str, dict[str, float]], columns: list[str], path: Path) -> None:
