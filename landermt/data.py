@@ -1,5 +1,7 @@
-"""Parallel text from the data directory (see its README): `train/en-XX.tsv.gz` with header
-`en  XX  source`, used in both directions."""
+"""Parallel text from the data directory (see its README), used in both directions. A corpus in
+`train/` is either a TSV `A-B.tsv[.gz]` whose header names the two languages (`en  de  source`), or
+a pair of line-aligned plain-text files `A-B.A[.gz]` and `A-B.B[.gz]` (line n of one translates
+line n of the other, as in WMT releases)."""
 
 from __future__ import annotations
 
@@ -33,30 +35,70 @@ class ParallelCorpus:
         return [pair[column] for pair in self.pairs]
 
 
-def read_parallel_tsv(path: str | Path) -> ParallelCorpus:
-    """One gzip'd TSV; rows with a missing or empty side are an error that names the line."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """A UTF-8 file, gzip'd when its name ends in .gz."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        reader = csv.reader(io.StringIO(f.read()), delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if not header or len(header) < 2:
-            raise ValueError(f"{path}: expected a header naming two languages, got {header!r}")
-        pairs = []
-        for number, row in enumerate(reader, start=2):
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise ValueError(f"{path}:{number}: expected two non-empty tab-separated columns")
-            pairs.append((row[0].strip(), row[1].strip()))
+        return f.read()
+
+
+def read_parallel_tsv(path: str | Path) -> ParallelCorpus:
+    """One TSV with a header; rows with a missing or empty side are an error that names the line."""
+    path = Path(path)
+    reader = csv.reader(io.StringIO(_read_text(path)), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader, None)
+    if not header or len(header) < 2:
+        raise ValueError(f"{path}: expected a header naming two languages, got {header!r}")
+    pairs = []
+    for number, row in enumerate(reader, start=2):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise ValueError(f"{path}:{number}: expected two non-empty tab-separated columns")
+        pairs.append((row[0].strip(), row[1].strip()))
     return ParallelCorpus(header[0], header[1], pairs)
 
 
+def read_aligned_files(first_path: str | Path, second_path: str | Path, first: str, second: str) -> ParallelCorpus:
+    """Two line-aligned files; different line counts or an empty line are an error naming the files."""
+    first_path, second_path = Path(first_path), Path(second_path)
+    a, b = _read_text(first_path).splitlines(), _read_text(second_path).splitlines()
+    if len(a) != len(b):
+        raise ValueError(f"{first_path} has {len(a)} lines but {second_path} has {len(b)}: not line-aligned")
+    for number, (x, y) in enumerate(zip(a, b, strict=True), start=1):
+        if not x.strip() or not y.strip():
+            empty = first_path if not x.strip() else second_path
+            raise ValueError(f"{empty}:{number}: empty line (each line must translate the other file's line)")
+    return ParallelCorpus(first, second, [(x.strip(), y.strip()) for x, y in zip(a, b, strict=True)])
+
+
+def _corpus_files(train: Path) -> dict[str, dict[str, Path]]:
+    """{"A-B": {kind: path}} for the files of each corpus in `train/`; kind is "tsv", A or B."""
+    if not train.is_dir():
+        raise FileNotFoundError(f"no training data: {train} does not exist")
+    found: dict[str, dict[str, Path]] = {}
+    for path in sorted(train.iterdir()):
+        stem, _, kind = path.name.removesuffix(".gz").rpartition(".")
+        first, _, second = stem.partition("-")
+        if first and second and kind in ("tsv", first, second):
+            found.setdefault(stem, {})[kind] = path
+    return found
+
+
 def training_corpora(root: str | Path | None = None) -> list[ParallelCorpus]:
-    """Every `train/*.tsv.gz` under the data root, sorted by file name."""
+    """Every corpus in the data root's `train/`, sorted by name (layouts: the module docstring)."""
     train = data_root(root) / "train"
-    paths = sorted(train.glob("*.tsv.gz"))
-    if not paths:
-        raise FileNotFoundError(f"no *.tsv.gz parallel files in {train}")
-    return [read_parallel_tsv(p) for p in paths]
+    corpora = []
+    for stem, files in _corpus_files(train).items():
+        first, _, second = stem.partition("-")
+        if set(files) == {"tsv"}:
+            corpora.append(read_parallel_tsv(files["tsv"]))
+        elif set(files) == {first, second}:
+            corpora.append(read_aligned_files(files[first], files[second], first, second))
+        else:
+            raise ValueError(f"{train}: corpus {stem} needs {stem}.tsv[.gz] or both {stem}.{first} and "
+                             f"{stem}.{second}, not {', '.join(sorted(p.name for p in files.values()))}")
+    if not corpora:
+        raise FileNotFoundError(f"no parallel corpora in {train} (A-B.tsv.gz, or line-aligned A-B.A and A-B.B)")
+    return corpora
 
 
 def sample(items: list, n: int, seed: int) -> list:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
 from landermt.artifact import load_artifact
+from landermt.data import training_corpora
 from landermt.families import family_of
 from landermt.models import load_model
 from landermt.routing import unpatch
@@ -38,6 +40,44 @@ def test_training_pairs_cover_both_directions_without_duplicates(tmp_path):
     assert training_pairs(tmp_path, ["de", "zh"]) == pairs  # seeded
     with pytest.raises(FileNotFoundError, match="no training data for en-it"):
         training_pairs(tmp_path, ["it"])
+
+
+def write_aligned(root: Path, lang: str, pairs: list[tuple[str, str]]) -> None:
+    """en-XX as two line-aligned files, the English one gzip'd."""
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    with gzip.open(root / "train" / f"en-{lang}.en.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(en + "\n" for en, _ in pairs))
+    (root / "train" / f"en-{lang}.{lang}").write_text("".join(xx + "\n" for _, xx in pairs), encoding="utf-8")
+
+
+def test_line_aligned_files_train_like_the_same_tsv(tmp_path):
+    from tests.conftest import PARALLEL, write_corpora
+
+    write_corpora(tmp_path / "tsv")
+    for lang, pairs in PARALLEL.items():
+        write_aligned(tmp_path / "aligned", lang, pairs)
+    assert training_pairs(tmp_path / "aligned", ["de", "zh"]) == training_pairs(tmp_path / "tsv", ["de", "zh"])
+    corpora = training_corpora(tmp_path / "aligned")
+    assert [(c.first, c.second, c.pairs) for c in corpora] == [
+        (c.first, c.second, c.pairs) for c in training_corpora(tmp_path / "tsv")]
+
+
+def _german_lines(n: int, empty_at: int | None = None) -> str:
+    return "".join(" \n" if i == empty_at else f"Satz {i}\n" for i in range(1, n + 1))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda t, n: (t / "en-de.de").write_text(_german_lines(n - 1)), r"en-de.en.gz has \d+ lines but .*en-de.de has"),
+    (lambda t, n: (t / "en-de.de").write_text(_german_lines(n, empty_at=4)), r"en-de.de:4: empty line"),
+    (lambda t, n: (t / "en-de.de").unlink(), r"corpus en-de needs en-de.tsv\[.gz\] or both en-de.en and en-de.de"),
+])
+def test_malformed_line_aligned_files_are_named(tmp_path, damage, message):
+    from tests.conftest import PARALLEL
+
+    write_aligned(tmp_path, "de", PARALLEL["de"])
+    damage(tmp_path / "train", len(PARALLEL["de"]))
+    with pytest.raises(ValueError, match=message):
+        training_corpora(tmp_path)
 
 
 def test_templates_are_ten_and_assigned_reproducibly(tokenizer, tmp_path):

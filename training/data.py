@@ -1,6 +1,7 @@
 """Training, dev and test data: directions, filters, instruction templates, test sets.
 
-Training pairs come from `train/en-XX.tsv.gz` (both directions); dev is FLORES-200 dev; tests are
+Training pairs come from the corpora in `train/` (landermt.data: `en-XX.tsv.gz` or line-aligned
+`en-XX.en` + `en-XX.XX`; both directions); dev is FLORES-200 dev; tests are
 FLORES-200 devtest, WMT14 en-fr, WMT16 en-de, IWSLT17 en-ar/en-zh and Tatoeba (see the data
 README). Each training example gets one of ten instruction templates at random (fixed seed); the
 first one is the inference template stored in the artifact.
@@ -13,7 +14,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from landermt.data import data_root, read_parallel_tsv
+from landermt.data import data_root, training_corpora
 from landermt.prompts import DEFAULT_TEMPLATE, Example, translation_example
 
 TEMPLATES: tuple[str, ...] = (
@@ -68,15 +69,16 @@ def keep(source: str, target: str, min_chars: int, max_chars: int, max_ratio: fl
 def training_pairs(root: str | Path | None, languages: list[str], *, min_chars: int = 2, max_chars: int = 400,
                    max_ratio: float = 3.0, max_per_direction: int | None = None, seed: int = 0) -> list[Pair]:
     """Both directions of en-XX for each XX in `languages`, de-duplicated and filtered, shuffled."""
+    corpora = {frozenset((c.first, c.second)): c for c in training_corpora(root)}
     pairs: list[Pair] = []
     for lang in languages:
-        path = data_root(root) / "train" / f"en-{lang}.tsv.gz"
-        if not path.exists():
-            raise FileNotFoundError(f"no training data for en-{lang}: {path} is missing")
-        corpus = read_parallel_tsv(path)
+        corpus = corpora.get(frozenset(("en", lang)))
+        if corpus is None:
+            raise FileNotFoundError(f"no training data for en-{lang} in {data_root(root) / 'train'} "
+                                    f"(en-{lang}.tsv.gz, or line-aligned en-{lang}.en and en-{lang}.{lang})")
         seen = set()
         kept = []
-        for en, xx in corpus.pairs:
+        for en, xx in zip(corpus.side("en"), corpus.side(lang), strict=True):
             key = (_normal(en), _normal(xx))
             if key in seen or not keep(en, xx, min_chars, max_chars, max_ratio):
                 continue

@@ -119,7 +119,8 @@ def stage_partition(run: Run, model, tokenizer, base_sha: str):
     if run.cached("partition", key, f"artifact/{MANIFEST}"):
         print("partition: cached", flush=True)
         return load_artifact(folder)
-    corpora = [corpus for corpus in training_corpora(c.data.root) if corpus.second in c.data.languages]
+    wanted = {"en", *c.data.languages}
+    corpora = [corpus for corpus in training_corpora(c.data.root) if {corpus.first, corpus.second} <= wanted]
     manifest, partition = build(model, tokenizer, corpora, k=m.k, epsilon=m.epsilon, car=m.car,
                                 detect_samples=m.detect_samples, score_samples=m.score_samples,
                                 objective=m.objective, seed=c.train.seed, layers=m.layers,
