@@ -6,8 +6,9 @@ Rows already in bench/results/table_<testset>.json are kept (runs need not all l
 machine); a run of the same name replaces its row. Writes that JSON and the "Methods on <testset>"
 section of docs/RESULTS.md: BLEU per direction and mean; mean chrF, off-target rate, perplexity
 change on held-out text (forgetting), and for finetuned runs seconds per step and peak training memory.
-Each finetuned row also keeps its loss curves (training loss per step, dev loss), so
-docs/figures/loss_curves.png plots every row that has them, wherever its run was made.
+Plots BLEU per direction and method to docs/figures/methods_<testset>.png. Each finetuned row also
+keeps its loss curves (training loss per step, dev loss), so docs/figures/loss_curves.png plots
+every row that has them, wherever its run was made.
 """
 
 from __future__ import annotations
@@ -90,19 +91,45 @@ def main() -> None:
         "",
         *lines,
         "",
+        f"![BLEU per direction](figures/methods_{args.testset}.png)",
+        "",
     ])
     update_section(ROOT / "docs" / "RESULTS.md", f"## Methods on {args.testset}", section, "Results")
+    plot_bleu(rows, directions, ROOT / "docs" / "figures" / f"methods_{args.testset}.png")
     plot_losses({name: r for name, r in rows.items() if r.get("train_loss")})
     print(section)
 
 
-def plot_losses(rows: dict[str, dict]) -> None:
-    """Training loss (moving average of 20 steps) and dev loss of each row that has them."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_bleu(rows: dict[str, dict], directions: list[str], path: Path) -> None:
+    """Grouped bars: BLEU of each method (row) per direction, and the mean."""
+    plt = _pyplot()
+    groups = [*directions, "mean"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(1.1 * len(groups) + 2, 5.5))
+    for k, (name, row) in enumerate(rows.items()):
+        values = [row["bleu"][d] for d in directions] + [row["mean_bleu"]]
+        ax.bar([g + (k - (len(rows) - 1) / 2) * width for g in range(len(groups))], values, width, label=name)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set(ylabel="BLEU", title=f"BLEU per direction (first {next(iter(rows.values()))['sentences']} sentences)")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_losses(rows: dict[str, dict]) -> None:
+    """Training loss (moving average of 20 steps) and dev loss of each row that has them."""
+    plt = _pyplot()
     fig, (train_ax, dev_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for name, row in rows.items():
         losses = row["train_loss"]
@@ -116,6 +143,7 @@ def plot_losses(rows: dict[str, dict]) -> None:
     fig.tight_layout()
     (ROOT / "docs" / "figures").mkdir(parents=True, exist_ok=True)
     fig.savefig(ROOT / "docs" / "figures" / "loss_curves.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
