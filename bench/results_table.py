@@ -25,14 +25,21 @@ from report import update_section  # bench/report.py, beside this script
 ROOT = Path(__file__).resolve().parent.parent
 
 
+PAPER_EPSILON = 0.9
+
+
 def row_name(method: str, config: dict, run: Path) -> str:
-    """The method, plus the neuron settings that distinguish runs of it (layers, CAR mode)."""
+    """The method, plus the neuron settings that distinguish runs of it: layers, and for routed methods
+    the CAR mode and ε when it is not the paper's 0.9."""
     if method not in ("layers", "ls", "lg", "landermt"):
         return method
     partition = json.loads((run / "artifact" / "manifest.json").read_text())
     layers = partition["layers"]
     span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
-    return f"{method} (layers {span}" + (f", car {config['method']['car']})" if method != "layers" else ")")
+    if method == "layers":
+        return f"{method} (layers {span})"
+    epsilon = "" if partition["epsilon"] == PAPER_EPSILON else f", ε {partition['epsilon']}"
+    return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
 
 
 def seconds_per_step(log: list[dict]) -> float | None:

@@ -5,8 +5,9 @@ the routed CAR FFN in different layer sets, CAR modes and Φ normalisations.
 
 Scores Φ (eq. 4) for all 18 layers once (120 sentences per language), then for each setting
 builds the partition (eq. 5, ε = 0.9), patches the model and measures the mean target-token loss
-on 48 FLORES dev examples (6 directions × 8). Writes bench/results/routing_init_loss.json and
-the matching section of docs/RESULTS.md.
+on 48 FLORES dev examples (6 directions × 8). Then, at the tuned setting (layers 12-15, raw Φ),
+the same loss for a range of ε: the share of general neurons decides how many neurons each pair
+loses. Writes bench/results/routing_init_loss.json and the matching section of docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ LANGUAGES = ("en", "ar", "de", "fr", "it", "zh")
 DIRECTIONS = [("en", "de"), ("de", "en"), ("en", "zh"), ("zh", "en"), ("en", "ar"), ("fr", "en")]
 LAYER_SETS = {"0-3 (detected)": [0, 1, 2, 3], "4-7": [4, 5, 6, 7], "8-11": [8, 9, 10, 11],
               "12-15": [12, 13, 14, 15], "14-17": [14, 15, 16, 17]}
+EPSILONS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
+EPSILON_LAYERS = "12-15"
 
 
 def dev_examples(tokenizer) -> list[tuple[tuple[str, str], dict]]:
@@ -65,20 +68,28 @@ def main() -> None:
         for i in range(18):
             scores[i].append(phi[i])
     items = dev_examples(tokenizer)
-    results = {"base (no routing)": dev_loss(model, tokenizer, items, None), "settings": {}}
+
+    def routed_loss(phi: dict[int, torch.Tensor], epsilon: float, car: str) -> float:
+        partition = build_partition(phi, LANGUAGES, epsilon, car)
+        patch(model, family, partition.scale_tables())
+        loss = dev_loss(model, tokenizer, items, partition)
+        unpatch(model, family)
+        return round(loss, 3)
+
+    results = {"base (no routing)": dev_loss(model, tokenizer, items, None), "settings": {}, "epsilon": {}}
     for name, layers in LAYER_SETS.items():
         for normalisation in ("raw", "per-language mean"):
             phi = {i: torch.stack(scores[i]) for i in layers}
             if normalisation != "raw":
                 phi = {i: p / p.mean(dim=1, keepdim=True) for i, p in phi.items()}
             for car in CAR_MODES:
-                partition = build_partition(phi, LANGUAGES, 0.9, car)
-                patch(model, family, partition.scale_tables())
-                loss = dev_loss(model, tokenizer, items, partition)
-                results["settings"][f"{name} | {normalisation} | {car}"] = round(loss, 3)
-                unpatch(model, family)
-                print(f"{name} | {normalisation} | {car}: {results['settings'][f'{name} | {normalisation} | {car}']}",
-                      flush=True)
+                key = f"{name} | {normalisation} | {car}"
+                results["settings"][key] = routed_loss(phi, 0.9, car)
+                print(f"{key}: {results['settings'][key]}", flush=True)
+    phi = {i: torch.stack(scores[i]) for i in LAYER_SETS[EPSILON_LAYERS]}
+    for epsilon in EPSILONS:
+        results["epsilon"][str(epsilon)] = {car: routed_loss(phi, epsilon, car) for car in CAR_MODES}
+        print(f"ε={epsilon}: {results['epsilon'][str(epsilon)]}", flush=True)
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "routing_init_loss.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results)
@@ -97,6 +108,14 @@ def write_markdown(results: dict) -> None:
         f"dev examples (6 directions × 8); the unpatched model scores **{results['base (no routing)']:.2f}**.",
         "",
         *rows,
+        "",
+        f"The share of general neurons at layers {EPSILON_LAYERS} (raw Φ): with ε → 1 each pair loses fewer neurons, "
+        "and at ε = 1 plain masking (`off`) is the unpatched model.",
+        "",
+        "| ε | " + " | ".join(CAR_MODES) + " |",
+        "|---:|" + "---:|" * len(CAR_MODES),
+        *(f"| {epsilon} | " + " | ".join(f"{loss:.2f}" for loss in cells.values()) + " |"
+          for epsilon, cells in results["epsilon"].items()),
         "",
     ])
     update_section(ROOT / "docs" / "RESULTS.md", "## Routing before finetuning", section, "Results")
