@@ -22,6 +22,8 @@ from pathlib import Path
 import yaml
 from report import update_section  # bench/report.py, beside this script
 
+from training.evaluate import mean_bleu_interval
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,6 +42,11 @@ def row_name(method: str, config: dict, run: Path) -> str:
         return f"{method} (layers {span})"
     epsilon = "" if partition["epsilon"] == PAPER_EPSILON else f", ε {partition['epsilon']}"
     return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
+
+
+def interval(row: dict) -> str:
+    bounds = row.get("mean_bleu_interval")
+    return f" ({bounds[0]:.1f}–{bounds[1]:.1f})" if bounds else ""
 
 
 def seconds_per_step(log: list[dict]) -> float | None:
@@ -66,6 +73,7 @@ def main() -> None:
         rows[row_name(result["method"], config, run)] = {
             "bleu": {d: s["bleu"] for d, s in scores.items()},
             "mean_bleu": sum(s["bleu"] for s in scores.values()) / len(scores),
+            "mean_bleu_interval": mean_bleu_interval(scores),
             "mean_chrf": sum(s["chrf"] for s in scores.values()) / len(scores),
             "off_target": sum(s["off_target"] for s in scores.values()) / len(scores),
             "perplexity_change": sum(v["after"] / v["base"] - 1 for v in ppl.values()) / len(ppl),
@@ -84,16 +92,17 @@ def main() -> None:
              "| train peak MiB |", "|---|---:|" + "---:|" * (len(directions) + 6)]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['steps']} | " + " | ".join(f"{r['bleu'][d]:.1f}" for d in directions)
-                     + f" | **{r['mean_bleu']:.2f}** | {r['mean_chrf']:.1f} | {100 * r['off_target']:.0f}% | "
-                     f"{100 * r['perplexity_change']:+.0f}% | {r.get('seconds_per_step') or ''} | "
-                     f"{r.get('train_peak_rss_mib') or ''} |")
+                     + f" | **{r['mean_bleu']:.2f}**{interval(r)} | {r['mean_chrf']:.1f} | "
+                     f"{100 * r['off_target']:.0f}% | {100 * r['perplexity_change']:+.0f}% | "
+                     f"{r.get('seconds_per_step') or ''} | {r.get('train_peak_rss_mib') or ''} |")
     sentences = next(iter(rows.values()))["sentences"]
     section = "\n".join([
         f"## Methods on {args.testset}",
         "",
         f"`python bench/results_table.py RUN...` (`bench/results/table_{args.testset}.json`; runs: "
         + ", ".join(f"`{r['run']}`" for r in rows.values()) + ").",
-        f"First {sentences} sentences per direction; BLEU is sacreBLEU 13a (zh for Chinese targets); Δ ppl is the mean",
+        f"First {sentences} sentences per direction; BLEU is sacreBLEU 13a (zh for Chinese targets), the mean with its",
+        "95% bootstrap interval where the run kept its sentence statistics (training/evaluate.py); Δ ppl is the mean",
         "relative change of perplexity on held-out FLORES dev text per language (forgetting).",
         "",
         *lines,

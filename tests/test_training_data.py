@@ -16,7 +16,7 @@ from landermt.routing import unpatch
 from training import langid
 from training.data import TEMPLATES, encode, evaluation_set, keep, training_pairs
 from training.evaluate import main as evaluate_main
-from training.evaluate import score, translate
+from training.evaluate import mean_bleu_interval, score, translate
 from training.run import main as run_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +130,24 @@ def test_off_target_rate_and_scores():
     assert "tok:zh" in score(["狗在睡觉。"], ["狗在睡觉。"], "zh")["bleu_signature"]
 
 
+def test_mean_bleu_interval_is_a_bootstrap_over_each_directions_sentences():
+    import random
+
+    rng = random.Random(0)
+    words = "der die das hund katze haus schläft läuft im garten heute morgen".split()
+    refs = [" ".join(rng.choices(words, k=8)) for _ in range(40)]
+    perfect = {"en-de": score(refs, refs, "de"), "de-en": score(refs, refs, "en")}
+    assert mean_bleu_interval(perfect) == (pytest.approx(100.0), pytest.approx(100.0))
+    half = [r if i % 2 else " ".join(rng.choices(words, k=8)) for i, r in enumerate(refs)]
+    noisy = {"en-de": score(half, refs, "de"), "de-en": score(refs, refs, "en")}
+    low, high = mean_bleu_interval(noisy)
+    mean = (noisy["en-de"]["bleu"] + noisy["de-en"]["bleu"]) / 2
+    assert low < mean < high < 100 and high - low > 2
+    assert mean_bleu_interval(noisy) == (low, high)  # seeded
+    del noisy["en-de"]["bleu_stats"]  # results from before the statistics were kept
+    assert mean_bleu_interval(noisy) is None
+
+
 def test_evaluate_cli_on_a_smoke_artifact(tmp_path, capsys):
     run_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output", str(tmp_path / "run")])
     out = tmp_path / "eval.json"
@@ -137,7 +155,8 @@ def test_evaluate_cli_on_a_smoke_artifact(tmp_path, capsys):
                    "--testset", "flores", "--directions", "en-de,zh-en", "--limit", "2", "--output", str(out)])
     results = json.loads(out.read_text())
     assert set(results) == {"en-de", "zh-en"} and results["en-de"]["sentences"] == 2
-    assert "| **mean** |" in out.with_suffix(".md").read_text()
+    assert len(results["en-de"]["outputs"]) == len(results["en-de"]["bleu_stats"]) == 2
+    assert "| **mean** |" in out.with_suffix(".md").read_text() and "bootstrap" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         evaluate_main(["--artifact", str(tmp_path / "run" / "artifact"), "--model",
                        str(tmp_path / "run" / "base_model"), "--directions", "en-xx"])

@@ -4,8 +4,11 @@
                                 [--limit N] [--unrouted] [--output FILE.json]
 
 BLEU is sacreBLEU with tokenize=13a (zh for Chinese targets), chrF with default settings; both
-signatures are reported. The off-target rate uses the offline check in langid.py. Forgetting is
-perplexity on held-out monolingual text per language, with and without the finetuned weights.
+signatures are reported. Each direction keeps every output and its sentence-level BLEU statistics,
+from which the mean BLEU over directions gets a 95% bootstrap confidence interval (1,000 resamples
+of each direction's sentences, as sacreBLEU's --confidence does for one test set). The off-target
+rate uses the offline check in langid.py. Forgetting is perplexity on held-out monolingual text per
+language, with and without the finetuned weights.
 `--unrouted` serves the artifact's trained FFN weights to every direction with no routing mask (every
 neuron, no CAR scaling), to measure what the routing itself adds or costs.
 """
@@ -17,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import sacrebleu
 import torch
 from tqdm import tqdm
@@ -46,13 +50,33 @@ def translate(model, tokenizer, template: str, source_lang: str, target_lang: st
     return outputs
 
 
+def bleu_metric(target_lang: str) -> sacrebleu.metrics.BLEU:
+    return sacrebleu.metrics.BLEU(tokenize="zh" if target_lang == "zh" else "13a")
+
+
 def score(hypotheses: list[str], references: list[str], target_lang: str) -> dict:
-    bleu = sacrebleu.metrics.BLEU(tokenize="zh" if target_lang == "zh" else "13a")
-    chrf = sacrebleu.metrics.CHRF()
+    bleu, chrf = bleu_metric(target_lang), sacrebleu.metrics.CHRF()
     b, c = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses, [references])
     return {"bleu": round(b.score, 2), "chrf": round(c.score, 2), "off_target": round(
         langid.off_target_rate(hypotheses, target_lang), 4), "bleu_signature": str(bleu.get_signature()),
-        "chrf_signature": str(chrf.get_signature()), "sentences": len(hypotheses)}
+        "chrf_signature": str(chrf.get_signature()), "sentences": len(hypotheses),
+        "bleu_stats": bleu._extract_corpus_statistics(hypotheses, [references])}  # what sacreBLEU resamples
+
+
+def mean_bleu_interval(results: dict[str, dict], samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """95% bootstrap interval of the mean BLEU over directions: each resample draws every direction's
+    sentences with replacement and recomputes its corpus BLEU from the sentence statistics. None
+    when a direction has no statistics (results written before they were kept)."""
+    if not results or any("bleu_stats" not in r for r in results.values()):
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.zeros(samples)
+    for direction, r in results.items():
+        metric, stats = bleu_metric(direction.split("-")[1]), np.array(r["bleu_stats"], dtype=np.int64)
+        draws = rng.integers(0, len(stats), size=(samples, len(stats)))
+        means += [metric._compute_score_from_stats(stats[d].sum(axis=0)).score for d in draws]
+    means /= len(results)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 @torch.no_grad()
@@ -73,7 +97,11 @@ def markdown_table(results: dict[str, dict]) -> str:
         rows.append(f"| {direction} | {r['bleu']:.2f} | {r['chrf']:.2f} | {100 * r['off_target']:.1f}% |")
     if results:
         mean = {k: sum(r[k] for r in results.values()) / len(results) for k in ("bleu", "chrf", "off_target")}
-        rows.append(f"| **mean** | {mean['bleu']:.2f} | {mean['chrf']:.2f} | {100 * mean['off_target']:.1f}% |")
+        interval = mean_bleu_interval(results)
+        ci = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+        rows.append(f"| **mean** | {mean['bleu']:.2f}{ci} | {mean['chrf']:.2f} | {100 * mean['off_target']:.1f}% |")
+        if interval:
+            rows.append("\nMean BLEU with its 95% bootstrap interval (1,000 resamples of each direction's sentences).")
     return "\n".join(rows)
 
 
@@ -88,7 +116,7 @@ def evaluate_directions(model, tokenizer, template: str, directions: list[str], 
         lines = evaluation_set(data_root, testset_name, src, tgt)[:limit]
         hyps = translate(model, tokenizer, template, src, tgt, [s for s, _ in lines], pair_id(src, tgt),
                          batch_size, max_new_tokens, shots(src, tgt) if shots else ())
-        results[direction] = score(hyps, [r for _, r in lines], tgt) | {"examples": [
+        results[direction] = score(hyps, [r for _, r in lines], tgt) | {"outputs": hyps, "examples": [
             {"source": s, "reference": r, "output": h} for (s, r), h in list(zip(lines, hyps, strict=True))[:3]]}
     return results
 
