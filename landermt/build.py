@@ -19,6 +19,7 @@ import transformers
 
 from landermt import __version__
 from landermt.artifact import BaseModelInfo, Manifest, save_artifact
+from landermt.cli import user_errors
 from landermt.data import ParallelCorpus, sample, training_corpora
 from landermt.detect import SHARED_LAYER_RULE, layer_activations, layer_differences, shared_layers
 from landermt.families import family_of
@@ -135,14 +136,15 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     start = time.monotonic()
-    model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
-    corpora = training_corpora(args.data)
-    manifest, partition = build(
-        model, tokenizer, corpora, k=args.k, epsilon=args.epsilon, car=args.car, detect_samples=args.detect_samples,
-        score_samples=args.score_samples, objective=args.objective, batch_size=args.batch_size,
-        max_length=args.max_length, seed=args.seed, model_name=args.model or "gemma-3-270m (default)",
-        layers=args.layers,
-    )
+    with user_errors(parser):
+        corpora = training_corpora(args.data)
+        model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+        manifest, partition = build(
+            model, tokenizer, corpora, k=args.k, epsilon=args.epsilon, car=args.car,
+            detect_samples=args.detect_samples, score_samples=args.score_samples, objective=args.objective,
+            batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+            model_name=args.model or "gemma-3-270m (default)", layers=args.layers,
+        )
     elapsed = time.monotonic() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     manifest.created.update(seconds=round(elapsed, 1), peak_rss_mib=round(peak_mib), machine=platform.machine(),

@@ -16,11 +16,16 @@ from pathlib import Path
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
+class DataError(ValueError):
+    """A data file that cannot be used as it is; the message names the file (and line)."""
+
+
 def data_root(path: str | Path | None = None) -> Path:
     """`path`, else $LANDERMT_DATA, else ../shared/data beside the checkout."""
     root = Path(path or os.environ.get("LANDERMT_DATA", DEFAULT_DATA))
     if not root.is_dir():
-        raise FileNotFoundError(f"data directory {root} does not exist (set --data or LANDERMT_DATA)")
+        raise FileNotFoundError(f"data directory {root} does not exist "
+                                "(give it with --data or data.root, or set $LANDERMT_DATA)")
     return root
 
 
@@ -48,11 +53,11 @@ def read_parallel_tsv(path: str | Path) -> ParallelCorpus:
     reader = csv.reader(io.StringIO(_read_text(path)), delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader, None)
     if not header or len(header) < 2:
-        raise ValueError(f"{path}: expected a header naming two languages, got {header!r}")
+        raise DataError(f"{path}: expected a header naming two languages, got {header!r}")
     pairs = []
     for number, row in enumerate(reader, start=2):
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise ValueError(f"{path}:{number}: expected two non-empty tab-separated columns")
+            raise DataError(f"{path}:{number}: expected two non-empty tab-separated columns")
         pairs.append((row[0].strip(), row[1].strip()))
     return ParallelCorpus(header[0], header[1], pairs)
 
@@ -62,11 +67,11 @@ def read_aligned_files(first_path: str | Path, second_path: str | Path, first: s
     first_path, second_path = Path(first_path), Path(second_path)
     a, b = _read_text(first_path).splitlines(), _read_text(second_path).splitlines()
     if len(a) != len(b):
-        raise ValueError(f"{first_path} has {len(a)} lines but {second_path} has {len(b)}: not line-aligned")
+        raise DataError(f"{first_path} has {len(a)} lines but {second_path} has {len(b)}: not line-aligned")
     for number, (x, y) in enumerate(zip(a, b, strict=True), start=1):
         if not x.strip() or not y.strip():
             empty = first_path if not x.strip() else second_path
-            raise ValueError(f"{empty}:{number}: empty line (each line must translate the other file's line)")
+            raise DataError(f"{empty}:{number}: empty line (each line must translate the other file's line)")
     return ParallelCorpus(first, second, [(x.strip(), y.strip()) for x, y in zip(a, b, strict=True)])
 
 
@@ -94,7 +99,7 @@ def training_corpora(root: str | Path | None = None) -> list[ParallelCorpus]:
         elif set(files) == {first, second}:
             corpora.append(read_aligned_files(files[first], files[second], first, second))
         else:
-            raise ValueError(f"{train}: corpus {stem} needs {stem}.tsv[.gz] or both {stem}.{first} and "
+            raise DataError(f"{train}: corpus {stem} needs {stem}.tsv[.gz] or both {stem}.{first} and "
                              f"{stem}.{second}, not {', '.join(sorted(p.name for p in files.values()))}")
     if not corpora:
         raise FileNotFoundError(f"no parallel corpora in {train} (A-B.tsv.gz, or line-aligned A-B.A and A-B.B)")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from landermt.artifact import FFN, ArtifactError, load_artifact
+from landermt.artifact import FFN, load_artifact
+from landermt.cli import user_errors
 
 
 def summary(directory: str | Path) -> str:
@@ -106,11 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("artifact")
     parser.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR")
     args = parser.parse_args(argv)
-    try:
+    with user_errors(parser):
         print(summary(args.artifact))
         written = plot(args.artifact, args.plot) if args.plot else []
-    except ArtifactError as e:
-        parser.exit(2, f"error: {e}\n")
     for path in written:
         print(f"wrote {path}")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from landermt.artifact import load_artifact
-from landermt.data import training_corpora
+from landermt.data import DataError, training_corpora
 from landermt.families import family_of
 from landermt.models import load_model
 from landermt.routing import unpatch
@@ -76,7 +76,7 @@ def test_malformed_line_aligned_files_are_named(tmp_path, damage, message):
 
     write_aligned(tmp_path, "de", PARALLEL["de"])
     damage(tmp_path / "train", len(PARALLEL["de"]))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DataError, match=message):
         training_corpora(tmp_path)
 
 
@@ -180,3 +180,15 @@ def test_evaluate_unrouted_serves_the_trained_weights_without_a_mask(tmp_path):
     unrouted = translate(model, tokenizer, template, "en", "de", sources)
     outputs = [e["output"] for e in json.loads(out.read_text())["en-de"]["examples"]]
     assert outputs == unrouted and outputs != routed
+
+
+@pytest.mark.parametrize("command,argv,message", [
+    (run_main, ["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", "data.root=/no/such/data"],
+     "data directory /no/such/data does not exist"),
+    (evaluate_main, ["--artifact", "/no/such/artifact"], "no manifest.json; not a LANDeRMT artifact"),
+])
+def test_bad_input_to_a_cli_is_one_line_and_status_2(tmp_path, capsys, command, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        command([*argv, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err

@@ -14,7 +14,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from landermt.data import data_root, training_corpora
+from landermt.data import DataError, data_root, training_corpora
 from landermt.prompts import DEFAULT_TEMPLATE, Example, translation_example
 
 TEMPLATES: tuple[str, ...] = (
@@ -108,7 +108,7 @@ def _lines(path: Path) -> list[str]:
 def _aligned(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
     src, tgt = _lines(src_path), _lines(tgt_path)
     if len(src) != len(tgt):
-        raise ValueError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}")
+        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}")
     return list(zip(src, tgt, strict=True))
 
 

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from landermt.artifact import load_artifact
+from landermt.cli import user_errors
 from landermt.generate import greedy
 from landermt.models import load_model
 from landermt.prompts import IGNORE, batches, few_shot_prefix, render_prompt, text_example
@@ -136,18 +137,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="JSON file (a .md table is written beside it)")
     args = parser.parse_args(argv)
 
-    artifact = load_artifact(args.artifact)
-    model, tokenizer = load_model(args.model, artifact.dtype)
-    artifact.apply(model)
-    m = artifact.manifest
-    directions = args.directions.split(",") if args.directions else m.directions
-    for direction in directions:
-        src, _, tgt = direction.partition("-")
-        if src not in m.languages or tgt not in m.languages or src == tgt:
-            parser.error(f"direction {direction!r} is not servable; languages: {', '.join(m.languages)}")
-    pair_id = (lambda src, tgt: None) if args.unrouted else artifact.partition.pair_id
-    results = evaluate_directions(model, tokenizer, m.prompt_template, directions, args.testset, args.data,
-                                  args.limit, pair_id, args.batch_size)
+    with user_errors(parser):
+        artifact = load_artifact(args.artifact)
+        m = artifact.manifest
+        directions = args.directions.split(",") if args.directions else m.directions
+        for direction in directions:
+            src, _, tgt = direction.partition("-")
+            if src not in m.languages or tgt not in m.languages or src == tgt:
+                parser.error(f"direction {direction!r} is not servable; languages: {', '.join(m.languages)}")
+        model, tokenizer = load_model(args.model, artifact.dtype)
+        artifact.apply(model)
+        pair_id = (lambda src, tgt: None) if args.unrouted else artifact.partition.pair_id
+        results = evaluate_directions(model, tokenizer, m.prompt_template, directions, args.testset, args.data,
+                                      args.limit, pair_id, args.batch_size)
     table = markdown_table(results)
     print(table)
     if args.output:

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from landermt.artifact import MANIFEST, ffn_weights, load_artifact, save_artifact
 from landermt.build import build
-from landermt.data import training_corpora
+from landermt.cli import user_errors
+from landermt.data import data_root, training_corpora
 from landermt.families import family_of
 from landermt.models import load_model, weights_sha256
 from landermt.prompts import DEFAULT_TEMPLATE, translation_example
@@ -240,6 +241,21 @@ def _heldout(config: RunConfig, lang: str) -> list[str]:
     return train_data.monolingual_heldout(config.data.root, lang, config.eval.perplexity_lines)
 
 
+def pipeline(run: Run, resume: bool, skip_eval: bool) -> None:
+    """Every stage in order; each one is skipped when its cached output is still valid."""
+    model, tokenizer = run.rank_zero_first(lambda: load_base(run))
+    base_sha = weights_sha256(model)
+    base_ppl = run.rank_zero_first(lambda: stage_base_perplexity(run, model, tokenizer, base_sha))
+    artifact = None
+    if run.config.method.name in NEURON_METHODS:
+        artifact = run.rank_zero_first(lambda: stage_partition(run, model, tokenizer, base_sha))
+    model, finetune_key = stage_finetune(run, model, tokenizer, artifact, resume, base_sha)
+    if run.rank == 0 and not skip_eval:
+        results = stage_evaluate(run, model, tokenizer, artifact, base_ppl, finetune_key or base_sha)
+        for name, scores in results["testsets"].items():
+            print(f"\n{name}\n{markdown_table(scores)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -266,18 +282,9 @@ def main(argv: list[str] | None = None) -> None:
         (output / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True))
     torch.manual_seed(config.train.seed)
     start = time.monotonic()
-
-    model, tokenizer = run.rank_zero_first(lambda: load_base(run))
-    base_sha = weights_sha256(model)
-    base_ppl = run.rank_zero_first(lambda: stage_base_perplexity(run, model, tokenizer, base_sha))
-    artifact = None
-    if config.method.name in NEURON_METHODS:
-        artifact = run.rank_zero_first(lambda: stage_partition(run, model, tokenizer, base_sha))
-    model, finetune_key = stage_finetune(run, model, tokenizer, artifact, args.resume, base_sha)
-    if run.rank == 0 and not args.skip_eval:
-        results = stage_evaluate(run, model, tokenizer, artifact, base_ppl, finetune_key or base_sha)
-        for name, scores in results["testsets"].items():
-            print(f"\n{name}\n{markdown_table(scores)}")
+    with user_errors(parser):
+        data_root(config.data.root)  # before minutes of model loading
+        pipeline(run, resume=args.resume, skip_eval=args.skip_eval)
     if run.rank == 0:
         print(f"\n{output}: done in {time.monotonic() - start:.0f} s", file=sys.stderr)
     if dist.is_initialized():
