@@ -101,7 +101,7 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     figure = ROOT / "docs" / "figures" / f"transfer_{name}.png"
-    plot(gains, everything, figure)
+    plot(result["gain"], everything, figure)
     write_markdown(result, name, figure)
 
 
