@@ -62,12 +62,18 @@ def read_parallel_tsv(path: str | Path) -> ParallelCorpus:
     return ParallelCorpus(header[0], header[1], pairs)
 
 
-def read_aligned_files(first_path: str | Path, second_path: str | Path, first: str, second: str) -> ParallelCorpus:
-    """Two line-aligned files; different line counts or an empty line are an error naming the files."""
-    first_path, second_path = Path(first_path), Path(second_path)
+def aligned_lines(first_path: Path, second_path: Path) -> tuple[list[str], list[str]]:
+    """The lines of two files meant to translate each other line by line; DataError when their counts differ."""
     a, b = _read_text(first_path).splitlines(), _read_text(second_path).splitlines()
     if len(a) != len(b):
         raise DataError(f"{first_path} has {len(a)} lines but {second_path} has {len(b)}: not line-aligned")
+    return a, b
+
+
+def read_aligned_files(first_path: str | Path, second_path: str | Path, first: str, second: str) -> ParallelCorpus:
+    """Two line-aligned files; different line counts or an empty line are an error naming the files."""
+    first_path, second_path = Path(first_path), Path(second_path)
+    a, b = aligned_lines(first_path, second_path)
     for number, (x, y) in enumerate(zip(a, b, strict=True), start=1):
         if not x.strip() or not y.strip():
             empty = first_path if not x.strip() else second_path

@@ -14,7 +14,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from landermt.data import DataError, data_root, training_corpora
+from landermt.data import aligned_lines, data_root, training_corpora
 from landermt.prompts import DEFAULT_TEMPLATE, Example, translation_example
 
 TEMPLATES: tuple[str, ...] = (
@@ -99,17 +99,18 @@ def encode(tokenizer, pairs: list[Pair], max_tokens: int, seed: int) -> list[tup
                                     p.target, max_tokens)) for p in pairs]
 
 
-def _lines(path: Path) -> list[str]:
+def _existing(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"test data file {path} is missing")
-    return path.read_text(encoding="utf-8").splitlines()
+    return path
+
+
+def _lines(path: Path) -> list[str]:
+    return _existing(path).read_text(encoding="utf-8").splitlines()
 
 
 def _aligned(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
-    src, tgt = _lines(src_path), _lines(tgt_path)
-    if len(src) != len(tgt):
-        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}")
-    return list(zip(src, tgt, strict=True))
+    return list(zip(*aligned_lines(_existing(src_path), _existing(tgt_path)), strict=True))
 
 
 def flores(root: str | Path | None, split: str, source: str, target: str) -> list[tuple[str, str]]:
