@@ -13,6 +13,11 @@ positions, after which padding no longer lines up; rows are therefore admitted o
 merged length stays below W (`can_admit`), and otherwise wait. Columns that are padding in every row
 are dropped as rows leave, so a busy batch stays as short as its longest live row.
 Outputs equal `greedy`'s for the same rows (the padding is masked out; tests check it).
+
+A running batch holds token ids only, never a tokenizer: it runs on the server's worker thread while
+requests are tokenised on the event loop, and a fast tokenizer keeps its padding settings as state
+shared by every caller (two threads using one tokenizer got each other's padding). Prompts come in
+as ids, are padded here, and finished rows are handed back as ids for the caller to decode.
 """
 
 from __future__ import annotations
@@ -24,26 +29,29 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from landermt.generate import Generation, first_line, stop_token_ids
 from landermt.routing import route
 
 
 @dataclass
 class Request:
-    """One row: `key` is the caller's handle for it."""
+    """One row: `key` is the caller's handle for it; `new` collects its generated ids."""
 
     key: object
-    prompt: str
+    prompt_ids: list[int]
     pair_id: int | None
     max_new_tokens: int
-    prompt_tokens: int = 0
     new: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 class RunningBatch:
-    def __init__(self, model, tokenizer, routed: bool):
-        self.model, self.tokenizer, self.routed = model, tokenizer, routed
-        self.stops = set(stop_token_ids(tokenizer))
+    def __init__(self, model, pad_token_id: int, stop_ids: list[int], routed: bool):
+        """`stop_ids`: the tokens that end a row (landermt.generate.stop_token_ids)."""
+        self.model, self.pad, self.routed = model, pad_token_id, routed
+        self.stops = set(stop_ids)
         parameters = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in parameters
         self.keeps_last_logits = "logits_to_keep" in parameters  # prefill skips the LM head on every other position
@@ -65,26 +73,22 @@ class RunningBatch:
             return True
         return max(self.ids.shape[1], prompt_tokens + 1) < self.window
 
-    def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt).input_ids)
-
     # --- steps ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def admit(self, requests: list[Request]) -> list[tuple[Request, Generation]]:
+    def admit(self, requests: list[Request]) -> list[Request]:
         """Prefill `requests` (their first token is then computed) and add them to the batch; returns the
-        ones that already finished."""
-        self.tokenizer.padding_side = "left"
-        encoded = self.tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
-        for request, n in zip(requests, encoded["attention_mask"].sum(dim=1).tolist(), strict=True):
-            request.prompt_tokens = n
+        ones that already finished. If the forward fails, the running batch is unchanged."""
+        length = max(r.prompt_tokens for r in requests)
+        prompt = torch.tensor([[self.pad] * (length - r.prompt_tokens) + r.prompt_ids for r in requests])
+        mask = torch.tensor([[0] * (length - r.prompt_tokens) + [1] * r.prompt_tokens for r in requests])
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(encoded["input_ids"], encoded["attention_mask"], cache, [r.pair_id for r in requests])
-        ids = torch.cat([encoded["input_ids"], logits.argmax(-1, keepdim=True)], dim=1)
-        self._merge(requests, ids, F.pad(encoded["attention_mask"], (0, 1), value=1), cache)
+        logits = self._forward(prompt, mask, cache, [r.pair_id for r in requests])
+        ids = torch.cat([prompt, logits.argmax(-1, keepdim=True)], dim=1)
+        self._merge(requests, ids, F.pad(mask, (0, 1), value=1), cache)
         return self._retire(len(requests))
 
     @torch.no_grad()
-    def decode(self) -> list[tuple[Request, Generation]]:
+    def decode(self) -> list[Request]:
         """One new token for every row; returns the rows that finished."""
         if not self.rows:
             return []
@@ -110,8 +114,7 @@ class RunningBatch:
             self.rows, self.ids, self.mask, self.cache = list(admitted), ids, mask, cache
             return
         length = max(self.ids.shape[1], ids.shape[1])
-        pad = self.tokenizer.pad_token_id
-        self.ids = torch.cat([_pad_left(self.ids, length, pad), _pad_left(ids, length, pad)])
+        self.ids = torch.cat([_pad_left(self.ids, length, self.pad), _pad_left(ids, length, self.pad)])
         self.mask = torch.cat([_pad_left(self.mask, length, 0), _pad_left(mask, length, 0)])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             # the cache covers every position but the newest token's
@@ -121,15 +124,14 @@ class RunningBatch:
                 mine.cumulative_length = length - 1
         self.rows += admitted
 
-    def _retire(self, count: int) -> list[tuple[Request, Generation]]:
+    def _retire(self, count: int) -> list[Request]:
         """Record the newest token of the last `count` rows; drop the rows that have stopped."""
         done, keep = [], []
         for index, row in enumerate(self.rows):
             if index >= len(self.rows) - count:
                 row.new.append(int(self.ids[index, -1]))
             if row.new and (row.new[-1] in self.stops or len(row.new) >= row.max_new_tokens):
-                text = self.tokenizer.decode(row.new, skip_special_tokens=True)
-                done.append((row, Generation(first_line(text), row.prompt_tokens, len(row.new))))
+                done.append(row)
             else:
                 keep.append(index)
         if len(keep) < len(self.rows):

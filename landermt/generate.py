@@ -40,6 +40,11 @@ class Generation:
     new_tokens: int  # up to and including the token that stopped the row
 
 
+def decoded(tokenizer, prompt_tokens: int, new_ids: list[int]) -> Generation:
+    """A row's result from the ids it generated (up to and including its stop token): their first line."""
+    return Generation(first_line(tokenizer.decode(new_ids, skip_special_tokens=True)), prompt_tokens, len(new_ids))
+
+
 class FirstToken(LogitsProcessor):
     """Calls `callback` once, when the logits of the first new token are ready (time to first token)."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from server.app import create_app
@@ -14,6 +16,8 @@ from server.settings import Settings
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
+    # the engine's and the API's own lines (failed rows and requests, with their request ids)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.api_keys:  # fail fast, before the model loads
         try:
             ApiKeys.load(settings.api_keys)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -14,10 +16,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import schemas
 from server.auth import ApiKeys, AuthError, route_dependencies
-from server.engine import Engine, RequestError
+from server.engine import REQUEST_ID, Engine, EngineError, RequestError
 from server.jobs import JOB_STATUSES, JobInputError, JobStore, parse_lines
 from server.languages import normalise
 from server.runner import JobRunner
+
+log = logging.getLogger("landermt.http")
 
 
 def create_app(engine: Engine, store: JobStore) -> FastAPI:
@@ -41,14 +45,32 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
+        """Every request gets an id (X-Request-ID, and in every log line about it); an error nothing else
+        handled is logged with it and answered as JSON, never as plain text."""
+        request_id = uuid.uuid4().hex[:12]
+        token = REQUEST_ID.set(request_id)
         metrics.inflight.inc()
         try:
             response = await call_next(request)
+        except Exception as error:
+            log.error("request %s: %s %s failed: %s: %s", request_id, request.method, request.url.path,
+                      type(error).__name__, error, exc_info=error)
+            response = internal_error(request_id)
         finally:
             metrics.inflight.dec()
+            REQUEST_ID.reset(token)
         endpoint = request.scope.get("route").path if request.scope.get("route") else "unmatched"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        response.headers["X-Request-ID"] = request_id
         return response
+
+    def internal_error(request_id: str) -> JSONResponse:
+        body = schemas.InternalError(error=f"internal error (request id {request_id})", id=request_id)
+        return JSONResponse(body.model_dump(), status_code=500)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, error: EngineError) -> JSONResponse:
+        return internal_error(error.request_id)  # the engine has logged it
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -65,7 +87,8 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
         return JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
 
     @app.post("/translate", response_model=schemas.TranslateResponse,
-              responses={400: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}}, dependencies=keyed)
+              responses={400: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody},
+                         500: {"model": schemas.InternalError}}, dependencies=keyed)
     async def translate(body: schemas.TranslateRequest) -> schemas.TranslateResponse:
         started = time.monotonic()
         texts = [body.q] if isinstance(body.q, str) else body.q

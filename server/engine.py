@@ -7,21 +7,31 @@ for the first row and gathers more for up to `max_wait_ms`. Each step (prefill o
 rows, then one decode step for all rows with per-row pair ids) runs on a dedicated worker thread;
 a row's future resolves as soon as its translation ends, and a request returns when all of its
 rows are done. No request waits for another pair's batch or for longer translations to finish.
+
+Threads: the tokenizer is used on the event-loop thread only (prompts are tokenised on arrival,
+finished rows decoded there); the worker thread sees token ids and the model, nothing else (a fast
+tokenizer's padding settings are state shared by its callers, see landermt.decode).
+
+Failures: if a step fails, its rows are run again one at a time on the worker, each in a batch of
+its own; a row that fails alone fails its request (a 500 with the request id, one log line), every
+other row is answered as if nothing had happened (greedy outputs do not depend on the batch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 
 from landermt.artifact import Artifact, load_artifact
 from landermt.decode import Request, RunningBatch
-from landermt.generate import Generation, stop_token_ids
+from landermt.generate import Generation, decoded, stop_token_ids
 from landermt.models import load_model
 from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, few_shot_prefix, render_prompt
 from server.languages import normalise
@@ -48,6 +58,19 @@ class RequestError(ValueError):
         self.status, self.supported = status, supported
 
 
+class EngineError(RuntimeError):
+    """A row that failed inside the engine (logged with its request id); the HTTP answer is a JSON 500."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"internal error: the translation failed (request id {request_id})")
+        self.request_id = request_id
+
+
+# The id of the HTTP request (or job line) being served: set by the app's middleware and the job runner,
+# carried by every row into the engine's log lines.
+REQUEST_ID: ContextVar[str] = ContextVar("landermt_request_id", default="-")
+log = logging.getLogger("landermt.engine")
+
 INTERACTIVE, BACKGROUND = 0, 1  # queue priorities: interactive requests go before job lines
 
 
@@ -55,13 +78,17 @@ INTERACTIVE, BACKGROUND = 0, 1  # queue priorities: interactive requests go befo
 class Row:
     priority: int
     sequence: int
-    prompt: str = field(compare=False)
+    prompt_ids: list[int] = field(compare=False)
     pair_id: int | None = field(compare=False)
     pair: str = field(compare=False)
     max_new_tokens: int = field(compare=False)
-    prompt_tokens: int = field(compare=False)
     future: asyncio.Future = field(compare=False)
+    request_id: str = field(default_factory=REQUEST_ID.get, compare=False)
     queued_at: float = field(default_factory=time.monotonic, compare=False)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 class Engine:
@@ -75,12 +102,12 @@ class Engine:
         self.sequence = itertools.count()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
         self.scheduler: asyncio.Task | None = None
+        self.stop_ids = stop_token_ids(tokenizer)  # scans the vocabulary once, here rather than in a request
         self.running = self._new_batch()
-        stop_token_ids(tokenizer)  # scans the vocabulary once, here rather than in the first request
 
     def _new_batch(self) -> RunningBatch:
         """The running batch of continuous batching (another backend supplies its own)."""
-        return RunningBatch(self.model, self.tokenizer, routed=self.artifact is not None)
+        return RunningBatch(self.model, self.tokenizer.pad_token_id, self.stop_ids, routed=self.artifact is not None)
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Engine:
@@ -152,10 +179,10 @@ class Engine:
         s = self.settings
         pair_id = self.artifact.partition.pair_id(source, target) if self.artifact else None
         loop = asyncio.get_running_loop()
-        prompts = [self.prompt(source, target, text) for text in texts]
-        rows = [Row(priority, next(self.sequence), prompt, pair_id, f"{source}-{target}",
-                    min(s.max_new_tokens, 2 * n + 16), self.running.prompt_tokens(prompt), loop.create_future())
-                for prompt, n in zip(prompts, lengths, strict=True)]
+        prompt_ids = [self.tokenizer(self.prompt(source, target, text)).input_ids for text in texts]
+        rows = [Row(priority, next(self.sequence), ids, pair_id, f"{source}-{target}",
+                    min(s.max_new_tokens, 2 * n + 16), loop.create_future())
+                for ids, n in zip(prompt_ids, lengths, strict=True)]
         for row in rows:
             self.queue.put_nowait(row)
         self.metrics.queued.set(self.queue.qsize())
@@ -197,23 +224,23 @@ class Engine:
                 self.metrics.queue_seconds.observe(started - row.queued_at)
             try:
                 finished = await loop.run_in_executor(self.worker, self._step, admitted)
-            except Exception as error:  # a failed step fails its rows, not the server
-                for row in [*admitted, *(request.key for request in self.running.rows)]:
-                    if not row.future.done():
-                        row.future.set_exception(error)
+                self.metrics.batch_seconds.observe(time.monotonic() - started)
+            except Exception as error:  # find the rows that caused it: run each alone
+                suspects = list({id(row): row for row in [*admitted, *(r.key for r in self.running.rows)]}.values())
                 self.running = self._new_batch()
-                continue
-            self.metrics.batch_seconds.observe(time.monotonic() - started)
-            for row, generation in finished:
-                self.metrics.translations.labels(row.pair).inc()
-                self.metrics.input_tokens.labels(row.pair).inc(generation.prompt_tokens)
-                self.metrics.generated_tokens.labels(row.pair).inc(generation.new_tokens)
-                if not row.future.done():  # the client may have gone away
-                    row.future.set_result(generation.text)
+                log.warning("engine step failed (%s: %s); running its %d rows one at a time",
+                            type(error).__name__, error, len(suspects))
+                finished = await loop.run_in_executor(self.worker, self._each_alone, suspects)
+            for row, outcome in finished:
+                if isinstance(outcome, Exception):
+                    self._fail(row, outcome)
+                else:
+                    self._finish(row, decoded(self.tokenizer, row.prompt_tokens, outcome))
 
-    def _step(self, admitted: list[Row]) -> list[tuple[Row, Generation]]:
-        """Worker thread: admit (prefill) new rows, then one decode step for the whole running batch."""
-        finished = self.running.admit([Request(row, row.prompt, row.pair_id, row.max_new_tokens)
+    def _step(self, admitted: list[Row]) -> list[tuple[Row, list[int]]]:
+        """Worker thread: admit (prefill) new rows, then one decode step for the whole running batch;
+        returns the rows that finished with their generated ids."""
+        finished = self.running.admit([Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens)
                                        for row in admitted]) if admitted else []
         now = time.monotonic()
         for row in admitted:
@@ -221,7 +248,38 @@ class Engine:
         if len(self.running):
             self.metrics.batch_size.observe(len(self.running))
             finished += self.running.decode()
-        return [(request.key, generation) for request, generation in finished]
+        return [(request.key, request.new) for request in finished]
+
+    def _each_alone(self, rows: list[Row]) -> list[tuple[Row, list[int] | Exception]]:
+        """Worker thread, after a failed step: every row from the start in a batch of its own; the ids it
+        generates, or the error it fails with."""
+        outcomes = []
+        for row in rows:
+            if row.future.done():  # the client went away
+                continue
+            batch, request = self._new_batch(), Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens)
+            try:
+                batch.admit([request])
+                while len(batch):
+                    batch.decode()
+                outcomes.append((row, request.new))
+            except Exception as error:
+                outcomes.append((row, error))
+        return outcomes
+
+    def _finish(self, row: Row, generation: Generation) -> None:
+        self.metrics.translations.labels(row.pair).inc()
+        self.metrics.input_tokens.labels(row.pair).inc(generation.prompt_tokens)
+        self.metrics.generated_tokens.labels(row.pair).inc(generation.new_tokens)
+        if not row.future.done():  # the client may have gone away
+            row.future.set_result(generation.text)
+
+    def _fail(self, row: Row, error: Exception) -> None:
+        """One log line with the request id; the request gets a 500 naming that id."""
+        log.error("request %s: translation (%s) failed: %s: %s", row.request_id, row.pair, type(error).__name__,
+                  error)
+        if not row.future.done():
+            row.future.set_exception(EngineError(row.request_id))
 
     def language_list(self) -> list[dict]:
         return [{"code": code, "name": LANGUAGE_NAMES.get(code, code),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engine import BACKGROUND, Engine, RequestError
+from server.engine import BACKGROUND, REQUEST_ID, Engine, EngineError, RequestError
 from server.jobs import JobStore, Line
 from server.languages import normalise
 
@@ -45,7 +45,7 @@ class JobRunner:
         if work is None:
             return False
         job, lines = work
-        outcomes = await asyncio.gather(*(self._translate(line) for line in lines))
+        outcomes = await asyncio.gather(*(self._translate(job, line) for line in lines))
         done = [(line.idx, text) for line, (text, _) in zip(lines, outcomes, strict=True) if text is not None]
         failed = [(line.idx, error) for line, (_, error) in zip(lines, outcomes, strict=True) if error is not None]
         await asyncio.to_thread(self.store.record, job, done, failed)
@@ -53,10 +53,11 @@ class JobRunner:
         self.engine.metrics.job_lines.labels("failed").inc(len(failed))
         return True
 
-    async def _translate(self, line: Line) -> tuple[str | None, str | None]:
+    async def _translate(self, job: str, line: Line) -> tuple[str | None, str | None]:
+        REQUEST_ID.set(f"job-{job}-{line.idx}")  # this task's own context: the engine logs failures with it
         try:
             [text] = await self.engine.translate([line.text], normalise(line.source), normalise(line.target),
                                                  BACKGROUND)
             return text, None
-        except RequestError as error:
+        except (RequestError, EngineError) as error:  # the line fails; the job goes on
             return None, str(error)

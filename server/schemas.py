@@ -43,6 +43,13 @@ class ErrorBody(BaseModel):
     supported: list[str] | None = None
 
 
+class InternalError(BaseModel):
+    """A 500: `id` is the request id, also in the X-Request-ID header and in the server's log line."""
+
+    error: str
+    id: str
+
+
 class JobCounts(BaseModel):
     total: int
     completed: int

@@ -9,8 +9,9 @@ that wait in the priority queue, so interactive texts still go before job lines.
 Each row becomes one vLLM request with the routed model of landermt.vllm: its pair id in
 `SamplingParams.extra_args`, `cache_salt` set to its pair (prefix caching may share KV only within a
 pair), greedy decoding, the stop set of landermt.generate (EOS or any token containing a newline)
-and the row's own `max_new_tokens`. The prompt is tokenized here, exactly as landermt.generate.greedy
-does, so both backends see the same ids and produce the same tokens.
+and the row's own `max_new_tokens`. vLLM gets the prompt's token ids, tokenized on arrival on the
+event loop exactly as landermt.generate.greedy does, so both backends see the same ids and produce
+the same tokens; the tokenizer is used on the event loop only (as in the torch engine).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from landermt.artifact import Artifact, load_artifact
-from landermt.generate import Generation, first_line, stop_token_ids
+from landermt.generate import Generation, decoded, stop_token_ids
 from landermt.models import resolve_model_path
 from landermt.vllm import PAIR_ID_KEY, cache_salt, routed_overrides
 from server.engine import Engine, Row
@@ -53,17 +54,13 @@ def engine_args(settings: Settings, artifact: Artifact | None, **options) -> Asy
 
 class InFlight:
     """The rows vLLM is generating, standing in for the torch engine's running batch (what Engine's
-    `translate` and `stop` use of it: its length and `prompt_tokens`)."""
+    `stop` uses of it: its length)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self):
         self.tasks: set[asyncio.Task] = set()
 
     def __len__(self) -> int:
         return len(self.tasks)
-
-    def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt).input_ids)
 
     def add(self, task: asyncio.Task) -> None:
         self.tasks.add(task)
@@ -79,7 +76,7 @@ class VllmEngine(Engine):
         self.request_ids = itertools.count()
 
     def _new_batch(self) -> InFlight:
-        return InFlight(self.tokenizer)
+        return InFlight()
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics, **options) -> VllmEngine:
@@ -102,9 +99,10 @@ class VllmEngine(Engine):
         return super().ready and not self.llm.errored
 
     # --- generation ----------------------------------------------------------------------------
-    def request(self, prompt: str, pair_id: int | None, max_new_tokens: int) -> tuple[TokensPrompt, SamplingParams]:
+    def request(self, prompt_ids: list[int], pair_id: int | None,
+                max_new_tokens: int) -> tuple[TokensPrompt, SamplingParams]:
         """vLLM's inputs for one row: the prompt's token ids salted by pair, greedy sampling params."""
-        tokens = TokensPrompt(prompt_token_ids=self.tokenizer(prompt).input_ids, cache_salt=cache_salt(pair_id))
+        tokens = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=cache_salt(pair_id))
         params = SamplingParams(
             temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_token_ids(self.tokenizer),
             ignore_eos=True,  # EOS is in the stop set; the model's extra EOS ids are not (as in greedy)
@@ -112,16 +110,11 @@ class VllmEngine(Engine):
             extra_args={PAIR_ID_KEY: pair_id} if pair_id is not None else None)
         return tokens, params
 
-    def generation(self, prompt_tokens: int, generated: list[int]) -> Generation:
-        """The result of a row from its generated ids: the text cut like landermt.generate.greedy's."""
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        return Generation(first_line(text), prompt_tokens, len(generated))
-
-    async def generate(self, prompt: str, pair_id: int | None, max_new_tokens: int,
+    async def generate(self, prompt_ids: list[int], pair_id: int | None, max_new_tokens: int,
                        arrived: float | None = None) -> Generation:
         """Translate one prompt; `arrived` (time.monotonic()) is when its text came in: the time to
         its first token is observed from then."""
-        tokens, params = self.request(prompt, pair_id, max_new_tokens)
+        tokens, params = self.request(prompt_ids, pair_id, max_new_tokens)
         generated: list[int] = []
         first = True
         async for output in self.llm.generate(tokens, params, request_id=f"landermt-{next(self.request_ids)}"):
@@ -129,7 +122,7 @@ class VllmEngine(Engine):
                 self.metrics.first_token_seconds.observe(time.monotonic() - arrived)
             first = False
             generated += output.outputs[0].token_ids
-        return self.generation(len(tokens["prompt_token_ids"]), generated)
+        return decoded(self.tokenizer, len(prompt_ids), generated)
 
     # --- scheduling ----------------------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -142,15 +135,10 @@ class VllmEngine(Engine):
 
     async def _run(self, row: Row) -> None:
         try:
-            generation = await self.generate(row.prompt, row.pair_id, row.max_new_tokens, row.queued_at)
-        except Exception as error:  # a failed row fails its request, not the server
-            if not row.future.done():
-                row.future.set_exception(error)
+            generation = await self.generate(row.prompt_ids, row.pair_id, row.max_new_tokens, row.queued_at)
+        except Exception as error:  # vLLM runs each row as a request of its own: only this one fails
+            self._fail(row, error)
             return
         finally:
             self.slots.release()
-        self.metrics.translations.labels(row.pair).inc()
-        self.metrics.input_tokens.labels(row.pair).inc(generation.prompt_tokens)
-        self.metrics.generated_tokens.labels(row.pair).inc(generation.new_tokens)
-        if not row.future.done():  # the client may have gone away
-            row.future.set_result(generation.text)
+        self._finish(row, generation)

@@ -8,7 +8,7 @@ import torch
 
 from landermt.decode import Request, RunningBatch
 from landermt.families import family_of
-from landermt.generate import greedy
+from landermt.generate import decoded, greedy, stop_token_ids
 from landermt.routing import patch
 from tests.conftest import FAMILY_NAMES, tiny_model
 
@@ -28,19 +28,27 @@ def routed(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def running_batch(model, tokenizer) -> RunningBatch:
+    return RunningBatch(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), routed=True)
+
+
+def request(tokenizer, key, prompt: str, pair_id: int, max_new_tokens: int) -> Request:
+    return Request(key, tokenizer(prompt).input_ids, pair_id, max_new_tokens)
+
+
 def run_staggered(model, tokenizer, arrivals: dict[int, list[int]]) -> tuple[dict, int]:
     """Rows arrive at the given decode steps; returns ({row: Generation}, largest batch seen)."""
-    batch = RunningBatch(model, tokenizer, routed=True)
+    batch = running_batch(model, tokenizer)
     waiting: list[Request] = []
     out, largest, step = {}, 0, 0
     while step <= max(arrivals) or waiting or len(batch):
-        waiting += [Request(i, PROMPTS[i], PAIR_IDS[i], MAX_NEW) for i in arrivals.get(step, [])]
-        admitted = [r for r in waiting if batch.can_admit(batch.prompt_tokens(r.prompt))]
+        waiting += [request(tokenizer, i, PROMPTS[i], PAIR_IDS[i], MAX_NEW) for i in arrivals.get(step, [])]
+        admitted = [r for r in waiting if batch.can_admit(r.prompt_tokens)]
         waiting = [r for r in waiting if r not in admitted]
         done = batch.admit(admitted) if admitted else []
         largest = max(largest, len(batch))
         done += batch.decode()
-        out.update({request.key: generation for request, generation in done})
+        out.update({r.key: decoded(tokenizer, r.prompt_tokens, r.new) for r in done})
         step += 1
     return out, largest
 
@@ -61,29 +69,28 @@ def test_sliding_window_rows_merge_below_the_window_and_wait_above_it(tokenizer)
     together, largest = run_staggered(model, tokenizer, {0: [0, 1], 2: [2, 3], 4: [4, 5]})
     assert [together[i] for i in range(len(PROMPTS))] == alone and largest >= 3
 
-    batch = RunningBatch(model, tokenizer, routed=True)
+    batch = running_batch(model, tokenizer)
     assert batch.can_admit(70)  # an empty batch takes any row
-    batch.admit([Request("running", PROMPTS[3], 1, 30)])
-    assert batch.prompt_tokens(PROMPTS[3]) + 1 < 64
+    batch.admit([request(tokenizer, "running", PROMPTS[3], 1, 30)])
+    assert batch.rows[0].prompt_tokens + 1 < 64
     assert batch.can_admit(10) and not batch.can_admit(70)  # 70 + 1 ≥ 64: its cache could not line up
 
 
 def test_each_row_stops_at_its_own_limit(tokenizer):
     model = routed(tiny_model("llama", len(tokenizer)))
-    batch = RunningBatch(model, tokenizer, routed=True)
-    requests = [Request(n, PROMPTS[0], 1, n) for n in (1, 3, 5)]
-    done = batch.admit(requests)
+    batch = running_batch(model, tokenizer)
+    done = batch.admit([request(tokenizer, n, PROMPTS[0], 1, n) for n in (1, 3, 5)])
     while len(batch):
         done += batch.decode()
-    lengths = {request.key: generation.new_tokens for request, generation in done}
+    lengths = {r.key: len(r.new) for r in done}
     assert all(lengths[n] <= n for n in (1, 3, 5)) and len(lengths) == 3
 
 
 def test_padding_left_by_finished_rows_is_trimmed(tokenizer):
     model = routed(tiny_model("gemma", len(tokenizer), sliding_window=64))
-    batch = RunningBatch(model, tokenizer, routed=True)
-    batch.admit([Request("long", PROMPTS[3], 1, 1), Request("short", PROMPTS[1], 2, MAX_NEW)])
+    batch = running_batch(model, tokenizer)
+    batch.admit([request(tokenizer, "long", PROMPTS[3], 1, 1), request(tokenizer, "short", PROMPTS[1], 2, MAX_NEW)])
     # the long row stopped at its 1-token limit; only the short row's own columns remain
     assert [r.key for r in batch.rows] == ["short"]
-    assert batch.ids.shape[1] == batch.prompt_tokens(PROMPTS[1]) + 1
+    assert batch.ids.shape[1] == batch.rows[0].prompt_tokens + 1
     assert all(layer.keys.shape[-2] == batch.ids.shape[1] - 1 for layer in batch.cache.layers)

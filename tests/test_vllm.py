@@ -35,7 +35,7 @@ from landermt.artifact import ffn_weights, load_artifact, save_artifact
 from landermt.build import build
 from landermt.data import training_corpora
 from landermt.families import family_of
-from landermt.generate import greedy, stop_token_ids
+from landermt.generate import decoded, greedy, stop_token_ids
 from landermt.models import load_model
 from landermt.prompts import render_prompt
 from landermt.routing import route
@@ -138,7 +138,7 @@ def torch_tokens(model, tokenizer, prompts: list[str], ids: list[int]) -> list[l
 async def vllm_tokens(engine: VllmEngine, prompt: str, pair_id: int, salt_of: int | None = None):
     """(generated ids, prompt tokens served from the prefix cache) of one request built by the engine;
     `salt_of` replaces its cache salt by another pair's."""
-    tokens, params = engine.request(prompt, pair_id, MAX_NEW)
+    tokens, params = engine.request(engine.tokenizer(prompt).input_ids, pair_id, MAX_NEW)
     if salt_of is not None:
         tokens["cache_salt"] = cache_salt(salt_of)
     generated, cached = [], None
@@ -158,7 +158,7 @@ def check_parity(engine: VllmEngine, reference, prompts: list[str], ids: list[in
     """Token ids equal the torch backend's, and so do the engine's results (text, prompt and new tokens)."""
     model, tokenizer, _ = reference
     assert got == torch_tokens(model, tokenizer, prompts, ids)
-    results = [engine.generation(len(tokenizer(p).input_ids), g) for p, g in zip(prompts, got, strict=True)]
+    results = [decoded(tokenizer, len(tokenizer(p).input_ids), g) for p, g in zip(prompts, got, strict=True)]
     assert results == greedy(model, tokenizer, prompts, ids, MAX_NEW)
 
 
