@@ -21,16 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from landermt.families import Family
-from landermt.prompts import IGNORE
-
-
-def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over labelled positions (labels are not shifted)."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+from landermt.loss import target_loss
 
 
 def neuron_awareness(
@@ -73,10 +64,7 @@ def neuron_awareness(
         with torch.enable_grad():
             for batch in tqdm(batches, total=total, desc=desc, unit="batch"):
                 mask_holder[:] = [batch["attention_mask"].float()]
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
-                summed_token_loss(logits, batch["labels"]).backward()
+                target_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], "sum").backward()
                 tokens += int(batch["attention_mask"].sum())
     finally:
         for handle in handles:

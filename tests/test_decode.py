@@ -9,8 +9,9 @@ import torch
 from landermt.decode import Request, RunningBatch
 from landermt.families import family_of
 from landermt.generate import decoded, greedy, stop_token_ids
+from landermt.prompts import DEFAULT_TEMPLATE, render_prompt
 from landermt.routing import patch
-from tests.conftest import FAMILY_NAMES, tiny_model
+from tests.conftest import FAMILY_NAMES, PARALLEL, tiny_model
 
 PROMPTS = ["Translate English to German: The weather is nice today.", "Hello", "Good",
            "Where is the train station in the old town of the city?", "Das Wetter", "Il fait beau aujourd'hui."]
@@ -94,3 +95,19 @@ def test_padding_left_by_finished_rows_is_trimmed(tokenizer):
     assert [r.key for r in batch.rows] == ["short"]
     assert batch.ids.shape[1] == batch.rows[0].prompt_tokens + 1
     assert all(layer.keys.shape[-2] == batch.ids.shape[1] - 1 for layer in batch.cache.layers)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_evaluation_on_the_continuous_decoder_equals_greedy_sentence_by_sentence(family, tokenizer):
+    """training.evaluate.translate (the server's decoder, rows joining as others finish) gives each sentence what
+    `greedy` gives it alone, under the same per-sentence cap of 2 × source tokens + 16."""
+    from training.evaluate import translate
+
+    model = routed(tiny_model(family, len(tokenizer), sliding_window=64))
+    sources = [en for en, _ in PARALLEL["de"]] + ["Hi", "Where is the train station in the old town of the city?"]
+    got = translate(model, tokenizer, DEFAULT_TEMPLATE, "en", "de", sources, pair_id=2, batch_size=3,
+                    max_new_tokens=MAX_NEW)
+    want = [greedy(model, tokenizer, [render_prompt(DEFAULT_TEMPLATE, "en", "de", s)], [2],
+                   min(MAX_NEW, 2 * len(tokenizer(s, add_special_tokens=False).input_ids) + 16))[0].text
+            for s in sources]
+    assert got == want

@@ -7,8 +7,9 @@ import torch
 
 from landermt.detect import layer_activations, layer_differences, shared_layers, top_layers
 from landermt.families import family_of
+from landermt.loss import target_loss
 from landermt.prompts import batches, collate, text_example
-from landermt.score import neuron_awareness, summed_token_loss
+from landermt.score import neuron_awareness
 from tests.conftest import tiny_model
 
 SENTENCES = ["The cat sleeps on the warm mat.", "Wir gehen heute auf den Markt.",
@@ -38,7 +39,7 @@ def test_taylor_scores_rank_like_real_ablation(tokenizer):
     forward = {k: batch[k] for k in ("input_ids", "attention_mask")}
     tokens = batch["input_ids"].shape[1]
     with torch.no_grad():
-        base = summed_token_loss(model(**forward).logits, batch["labels"])
+        base = target_loss(model, **forward, labels=batch["labels"], reduction="sum")
         ablation = torch.zeros(phi.numel())
         for j in range(phi.numel()):
             for t in range(tokens):
@@ -48,7 +49,7 @@ def test_taylor_scores_rank_like_real_ablation(tokenizer):
                     return (h,)
 
                 handle = down.register_forward_pre_hook(zero_one)
-                loss = summed_token_loss(model(**forward).logits, batch["labels"])
+                loss = target_loss(model, **forward, labels=batch["labels"], reduction="sum")
                 handle.remove()
                 ablation[j] += (loss - base).abs().item() / tokens
     assert spearman(phi, ablation) > 0.9

@@ -29,7 +29,7 @@ def batch_for(tokenizer, partition, direction, routed=True):
     rows = [(en, xx) if src == "en" else (xx, en) for en, xx in PARALLEL[lang][:3]]
     from landermt.prompts import DEFAULT_TEMPLATE, collate
 
-    examples = [translation_example(tokenizer, DEFAULT_TEMPLATE, src, tgt, s, t, 64) for s, t in rows]
+    examples = [translation_example(tokenizer, DEFAULT_TEMPLATE, src, tgt, s, t, 160) for s, t in rows]
     ids = torch.full((len(rows),), partition.pair_id(src, tgt)) if routed else None
     return Batch(collate(examples, tokenizer.pad_token_id), ids)
 
@@ -106,9 +106,13 @@ def test_optimizer_state_exists_only_for_trainable_parameters(tokenizer):
 
 
 def test_batch_order_and_schedule_are_functions_of_seed_and_step():
-    assert rows_of_batch(10, 4, 0, 3) == rows_of_batch(10, 4, 0, 3)
-    epoch = [r for b in range(5) for r in rows_of_batch(10, 2, 1, b)]
-    assert sorted(epoch) == list(range(10))  # one epoch visits every example once
+    lengths = [5, 9, 3, 7, 7, 2, 8, 4, 6, 1]
+    assert rows_of_batch(lengths, 4, 0, 3) == rows_of_batch(lengths, 4, 0, 3)
+    for bucket in (1, 3):
+        epoch = [r for b in range(5) for r in rows_of_batch(lengths, 2, 1, b, bucket)]
+        assert sorted(epoch) == list(range(10))  # one epoch visits every example once
+    first, second = ([rows_of_batch(lengths, 2, 1, b) for b in epoch] for epoch in (range(5), range(5, 10)))
+    assert first != second  # each epoch has its own order
     config = TrainConfig(lr=1.0, steps=100, warmup_ratio=0.1)
     assert lr_at(0, config) == pytest.approx(0.1) and lr_at(9, config) == pytest.approx(1.0)
     assert lr_at(55, config) == pytest.approx(0.5) and lr_at(99, config) == pytest.approx(1 / 90)
@@ -146,3 +150,19 @@ def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path
     got = resumed.train(lambda entry: None)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_length_buckets_cut_padding_and_keep_batches_full_and_random():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 160, (1000,), generator=generator).tolist()
+
+    def padding(bucket: int) -> float:
+        batches = [rows_of_batch(lengths, 8, 0, b, bucket) for b in range(125)]
+        assert all(len(rows) == 8 for rows in batches)
+        return sum(1 - sum(lengths[r] for r in rows) / (8 * max(lengths[r] for r in rows)) for rows in batches) / 125
+
+    assert padding(64) < padding(1) / 4
+    bucketed = [rows_of_batch(lengths, 8, 0, b, 64) for b in range(125)]
+    assert sorted(r for rows in bucketed for r in rows) == list(range(1000))
+    longest = [max(lengths[r] for r in rows) for rows in bucketed[:64]]
+    assert longest != sorted(longest)  # batches of one chunk come in random order, not by length

@@ -81,6 +81,7 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(25, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
+    bucket_batches: int = Field(64, ge=1)  # batches per length-sorted chunk of the data order; 1: no bucketing
 
 
 class EvalConfig(Strict):

@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from landermt.artifact import load_artifact
 from landermt.cli import user_errors
-from landermt.generate import greedy
+from landermt.decode import Request, RunningBatch
+from landermt.generate import decoded, stop_token_ids
+from landermt.loss import target_loss
 from landermt.models import load_model
 from landermt.prompts import IGNORE, batches, few_shot_prefix, render_prompt, text_example
-from landermt.score import summed_token_loss
 from training import langid
 from training.data import TESTSETS, evaluation_set
 
@@ -38,16 +39,28 @@ from training.data import TESTSETS, evaluation_set
 def translate(model, tokenizer, template: str, source_lang: str, target_lang: str, sources: list[str],
               pair_id: int | None = None, batch_size: int = 16, max_new_tokens: int = 256,
               shots: list[tuple[str, str]] = (), desc: str | None = None) -> list[str]:
-    """Greedy, batched (landermt.generate), at most 2 × source tokens + 16 new tokens per batch."""
+    """Greedy on the continuous-batching decoder (landermt.decode, the server's code path): up to `batch_size`
+    rows at once, a finished row's place taken by the next sentence at the next step; each row at most
+    2 × its source tokens + 16 new tokens (the server's cap). Longest prompts go first, so rows of similar
+    length share the batch. Each output equals that sentence translated alone."""
     prefix = few_shot_prefix(template, source_lang, target_lang, list(shots))
-    outputs = []
-    for start in tqdm(range(0, len(sources), batch_size), desc=desc or f"translate {source_lang}-{target_lang}",
-                      unit="batch", leave=False):
-        chunk = sources[start : start + batch_size]
-        prompts = [prefix + render_prompt(template, source_lang, target_lang, s) for s in chunk]
-        longest = max(len(tokenizer(s, add_special_tokens=False).input_ids) for s in chunk)
-        ids = None if pair_id is None else [pair_id] * len(chunk)
-        outputs += [g.text for g in greedy(model, tokenizer, prompts, ids, min(max_new_tokens, 2 * longest + 16))]
+    requests = [Request(i, tokenizer(prefix + render_prompt(template, source_lang, target_lang, s)).input_ids,
+                        pair_id, min(max_new_tokens, 2 * len(tokenizer(s, add_special_tokens=False).input_ids) + 16))
+                for i, s in enumerate(sources)]
+    waiting = sorted(requests, key=lambda r: -r.prompt_tokens)
+    batch = RunningBatch(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), routed=pair_id is not None)
+    outputs: list[str] = [""] * len(sources)
+    with tqdm(total=len(sources), desc=desc or f"translate {source_lang}-{target_lang}", unit="sentence",
+              leave=False) as bar:
+        while waiting or len(batch):
+            admitted = []
+            while waiting and len(batch) + len(admitted) < batch_size and batch.can_admit(waiting[0].prompt_tokens):
+                admitted.append(waiting.pop(0))
+            done = batch.admit(admitted) if admitted else []
+            done += batch.decode()
+            for request in done:
+                outputs[request.key] = decoded(tokenizer, request.prompt_tokens, request.new).text
+            bar.update(len(done))
     return outputs
 
 
@@ -86,8 +99,7 @@ def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16) -> floa
     examples = [text_example(tokenizer, line, 256) for line in lines]
     total, tokens = 0.0, 0
     for batch in batches(examples, batch_size, tokenizer.pad_token_id):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += summed_token_loss(logits, batch["labels"]).item()
+        total += target_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], "sum").item()
         tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
     return math.exp(total / max(tokens, 1))
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from landermt.loss import target_loss
 from landermt.prompts import IGNORE, Example, collate
 from landermt.routing import route
 from training.config import TrainConfig
@@ -75,26 +76,54 @@ class Batch:
     pair_ids: torch.Tensor | None
 
 
+class TargetLoss(torch.nn.Module):
+    """The target-token loss as a module's forward: DDP must wrap the module whose forward runs the whole
+    computation, to synchronise the gradients it produces."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return target_loss(self.model, input_ids, attention_mask, labels)
+
+
 def mean_target_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the batch's target tokens (labels != IGNORE)."""
+    """Mean cross-entropy over the batch's target tokens (labels != IGNORE), each row routed by its pair id;
+    `model` is the model, or DDP over its TargetLoss."""
     with route(batch.pair_ids):
-        logits = model(input_ids=batch.tensors["input_ids"], attention_mask=batch.tensors["attention_mask"],
-                       use_cache=False).logits
-    logits = logits[:, :-1].float()
-    labels = batch.tensors["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=IGNORE)
+        if isinstance(model, DistributedDataParallel):
+            return model(**batch.tensors)
+        return target_loss(model, **batch.tensors)
 
 
 @functools.lru_cache(maxsize=2)
-def _epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+def _epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int, bucket: int) -> list[list[int]]:
+    """One epoch's batches, length-bucketed: a seeded permutation cut into chunks of `bucket` batches; in each
+    chunk the rows are sorted by length and cut into batches, and those batches are shuffled. Rows of similar
+    length share a batch (little padding) while the order stays random. Every batch is full: the few rows
+    left over (fewer than a batch) differ from epoch to epoch."""
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = order[: max(1, len(order) // batch_size) * batch_size]
+    batches = []
+    for start in range(0, len(order), batch_size * bucket):
+        chunk = sorted(order[start : start + batch_size * bucket], key=lengths.__getitem__)
+        cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        batches += [cut[i] for i in torch.randperm(len(cut), generator=generator).tolist()]
+    return batches
 
 
-def rows_of_batch(n_examples: int, batch_size: int, seed: int, index: int) -> list[int]:
-    """Example indices of global batch `index`: epochs are seeded permutations laid end to end."""
-    return [_epoch_order(n_examples, seed, position // n_examples)[position % n_examples]
-            for position in range(index * batch_size, (index + 1) * batch_size)]
+def rows_of_batch(lengths: list[int], batch_size: int, seed: int, index: int, bucket: int = 1) -> list[int]:
+    """Example indices of global batch `index` (a pure function of its arguments, so --resume sees the same
+    batches): epochs of `_epoch_batches` laid end to end; `lengths` are the examples' token counts."""
+    per_epoch = max(1, len(lengths) // batch_size)
+    return _epoch_batches(tuple(lengths), batch_size, seed, index // per_epoch, bucket)[index % per_epoch]
+
+
+def padding_share(tensors: dict[str, torch.Tensor]) -> float:
+    """The share of a batch's positions that are padding."""
+    return 1 - tensors["attention_mask"].sum().item() / tensors["attention_mask"].numel()
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -110,13 +139,14 @@ class Trainer:
                  pair_id: Callable[[object], int], pad_id: int, config: TrainConfig, output: Path):
         self.model, self.prepared, self.config, self.output = prepared.model, prepared, config, Path(output)
         self.examples, self.dev, self.pair_id, self.pad_id = examples, dev, pair_id, pad_id
+        self.lengths = [len(e.input_ids) for _, e in examples]
         self.params = {name: p for name, p, _ in prepared.trainable}
         self.optimizer = NeuronAdamW([(p, axis) for _, p, axis in prepared.trainable], lr=config.lr,
                                      weight_decay=config.weight_decay)
         self.step, self.best_loss, self.best_step = 0, math.inf, -1
         self.best = {n: p.detach().clone() for n, p in self.params.items()}
         self.rank, self.world_size = world()
-        self.forward_model = (DistributedDataParallel(self.model) if self.world_size > 1 and self.params
+        self.forward_model = (DistributedDataParallel(TargetLoss(self.model)) if self.world_size > 1 and self.params
                               else self.model)
 
     def batch(self, items: list[tuple[object, Example]]) -> Batch:
@@ -189,21 +219,24 @@ class Trainer:
             lr = lr_at(self.step, c)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum, padding = 0.0, 0.0
             for micro in range(c.grad_accum):
-                rows = rows_of_batch(len(self.examples), c.batch_size, c.seed, self.step * c.grad_accum + micro)
-                rows = rows[self.rank :: self.world_size]
+                rows = rows_of_batch(self.lengths, c.batch_size, c.seed, self.step * c.grad_accum + micro,
+                                     c.bucket_batches)
+                batch = self.batch([self.examples[r] for r in rows[self.rank :: self.world_size]])
                 sync = micro == c.grad_accum - 1 or self.forward_model is self.model
                 with contextlib.nullcontext() if sync else self.forward_model.no_sync():
-                    loss = mean_target_loss(self.forward_model, self.batch([self.examples[r] for r in rows]))
+                    loss = mean_target_loss(self.forward_model, batch)
                     (loss / c.grad_accum).backward()
                 loss_sum += loss.item() / c.grad_accum
+                padding += padding_share(batch.tensors) / c.grad_accum
             params = list(self.params.values())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm).item()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             entry = {"step": self.step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                     "padding_share": round(padding, 4),
                      "seconds": round(time.monotonic() - start, 1), "peak_rss_mib": peak_rss_mib()}
             if self.dev and (self.step % c.eval_every == 0 or self.step == c.steps):
                 entry["dev_loss"] = round(self.dev_loss(), 5)
