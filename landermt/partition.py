@@ -126,6 +126,21 @@ class Partition:
         return tables
 
 
+def delta_tables(partition: Partition) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer, what the delta rule (landermt.routing.DeltaFFN) needs: the general mask [p], the indices of the
+    specific neurons [s], and `uses` [pairs + 1, s]: 1 where pair r's rows add specific neuron k's update (its
+    own languages' neurons), 0 where they keep its base output; row 0, the base model, adds none."""
+    tables = {}
+    for i, part in partition.layers.items():
+        specific = torch.nonzero(~part.general).flatten()
+        rows = [torch.zeros(len(specific))]
+        for x, y in partition.pairs:
+            a, b = partition.languages.index(x), partition.languages.index(y)
+            rows.append(part.pair_mask(a, b)[specific].float())
+        tables[i] = (part.general, specific, torch.stack(rows))
+    return tables
+
+
 def build_partition(
     phi: dict[int, torch.Tensor], languages: tuple[str, ...], epsilon: float, car: CarMode
 ) -> Partition:

@@ -1,4 +1,6 @@
-"""The routed CAR FFN (paper §3.3, eqs. 6–9) and its injection into a model.
+"""Routing one base model per batch row: two rules, `mask` (the paper's, `RoutedFFN`) and `delta` (`DeltaFFN`).
+
+Rule `mask`: the routed CAR FFN (paper §3.3, eqs. 6–9).
 
 In every selected layer the FFN is replaced by `RoutedFFN`. Each batch row (or token) carries a
 pair id; row r of the layer's scale table holds, per neuron,
@@ -14,6 +16,13 @@ bias: s·Wx + b = pre + (s − 1)·(pre − b) with pre = Wx + b as the base lay
 for s = 1), and excluded neurons are forced to exactly zero after the activation, because
 act(b) is in general not zero.
 
+Rule `delta` (`DeltaFFN`): nothing is switched off. Every neuron computes with its base weights, and a
+row of pair (a, b) adds the trained *update* (trained − base) of G ∪ S_a ∪ S_b; other languages'
+specific neurons keep their base output. Row 0 is the base model. Masking zeroes, for every pair,
+the neurons other languages score highest (eq. 5 gives each specific neuron to its highest-Φ
+language), which cost more dev loss before training than training won back (docs/RESULTS.md);
+routing updates instead is what sparse finetuning does (Ansell et al. 2022, 2024).
+
 Pair ids reach the modules through a `ContextVar` set by `route(...)`: each thread and each
 asyncio task sees its own value, so two concurrent batches cannot race on it.
 """
@@ -25,7 +34,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from landermt.families import Family
 
@@ -94,6 +105,139 @@ class RoutedFFN(nn.Module):
         return f.finish(self, getattr(self, f.down)(h), *extra)
 
 
+class DeltaFFN(nn.Module):
+    """One layer's FFN under the delta rule: the base FFN's modules (frozen) and, kept apart, the update `update`
+    (zero until trained: {"<module>.weight" | "<module>.bias": trained − base}, the down bias excluded, it is no
+    neuron's). One pass serves any mix of pairs: the general neurons' update is merged into the base weights
+    (shared by every pair) and only the specific neurons' update, a tenth of the neurons at ε = 0.9, is added
+    per row, weighted by `uses[pair]` (1: the row's own languages, 0: keep the base):
+
+        pre = (W + Δ·[G]) x,  then pre[S] += uses[r] ⊙ (Δ_S x)        up and gate
+        y   = (W_d + Δ_d·[G]) h + Δ_d,S (uses[r] ⊙ h_S)                 down
+
+    With Δ = 0 every added term is an exact zero, so each pair's rows equal the base model bit for bit; a
+    specific neuron outside a row's pair enters it only multiplied by an exact 0, so its update gets exactly
+    zero gradient from that row. Rows with id 0 (and a batch with no ids) run the base FFN itself.
+    """
+
+    def __init__(self, ffn: nn.Module, family: Family, general: torch.Tensor, specific: torch.Tensor,
+                 uses: torch.Tensor):
+        super().__init__()
+        for name, child in ffn.named_children():
+            self.add_module(name, child)
+        for name in family.copied_attributes:
+            setattr(self, name, getattr(ffn, name))
+        self.__dict__["base"] = ffn  # the unpatched MLP (same child modules): rows with id 0, and `unpatch`
+        self.family = family
+        if uses.dim() != 2 or uses.shape[1] != len(specific) or torch.any(uses[0] != 0):
+            raise ValueError("uses must be [pairs + 1, specific neurons] with row 0 all zeros")
+        weight = getattr(self, family.up).weight
+        self.register_buffer("general", general.to(device=weight.device, dtype=weight.dtype), persistent=False)
+        self.register_buffer("specific", specific.to(weight.device), persistent=False)
+        self.register_buffer("uses", uses.to(device=weight.device, dtype=weight.dtype), persistent=False)
+        self.update = nn.ParameterDict()
+        for part in ("up", "gate", "down"):
+            name = getattr(family, part)
+            if name is None:
+                continue
+            module = getattr(self, name)
+            kinds = ("weight", "bias") if part != "down" and module.bias is not None else ("weight",)
+            for kind in kinds:
+                zero = torch.zeros_like(getattr(module, kind))
+                self.update[self.key(name, kind)] = nn.Parameter(zero, requires_grad=False)
+        self._cache: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None
+
+    @staticmethod
+    def key(module: str, kind: str) -> str:
+        """ParameterDict keys cannot hold dots: "up_proj.weight" is stored as "up_proj:weight"."""
+        return f"{module}:{kind}"
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """Per part: the merged weight (and bias) and the specific neurons' update slice. Under no_grad (inference)
+        they are computed once per change of any parameter (in-place updates bump a tensor's version)."""
+        if torch.is_grad_enabled():
+            return self._compute_weights()
+        version = tuple(p._version for p in (*self.update.values(), *self.parameters()))
+        if self._cache is None or self._cache[0] != version:
+            self._cache = (version, self._compute_weights())
+        return self._cache[1]
+
+    def _compute_weights(self) -> dict[str, torch.Tensor]:
+        f, out = self.family, {}
+        for part in ("up", "gate", "down"):
+            name = getattr(f, part)
+            if name is None:
+                continue
+            module, axis = getattr(self, name), f.neuron_axis(part)
+            shape = [1] * module.weight.dim()
+            shape[axis] = -1
+            delta = self.update[self.key(name, "weight")]
+            out[f"{name}.weight"] = module.weight + delta * self.general.view(shape)
+            out[f"{name}.specific"] = delta.index_select(axis, self.specific)
+            if module.bias is not None:
+                if part == "down":
+                    out[f"{name}.bias"] = module.bias
+                else:
+                    bias = self.update[self.key(name, "bias")]
+                    out[f"{name}.bias"] = module.bias + bias * self.general
+                    out[f"{name}.specific_bias"] = bias[self.specific]
+        return out
+
+    def _project(self, name: str, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The module's own forward with the merged weights (so Δ = 0 computes exactly what the base does)."""
+        module = getattr(self, name)
+        params = {"weight": weights[f"{name}.weight"]}
+        if module.bias is not None:
+            params["bias"] = weights[f"{name}.bias"]
+        return functional_call(module, params, (x,))
+
+    def _specific(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x @ weight if self.family.conv1d else F.linear(x, weight)
+
+    def _routed(self, x: torch.Tensor, uses: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        f, w = self.family, self._weights()
+
+        def pre(name: str) -> torch.Tensor:
+            added = self._specific(x, w[f"{name}.specific"])
+            if f"{name}.specific_bias" in w:
+                added = added + w[f"{name}.specific_bias"]
+            return self._project(name, x, w).index_add(-1, self.specific, uses * added)
+
+        up = pre(f.up)
+        act = getattr(self, f.act)
+        h = act(pre(f.gate)) * up if f.gate else act(up)
+        y = self._project(f.down, h, w) + self._specific(uses * h.index_select(-1, self.specific),
+                                                          w[f"{f.down}.specific"])
+        return f.finish(self, y, *extra)
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        pair_ids = _PAIR_IDS.get()
+        if pair_ids is None or not bool((pair_ids != 0).any()):
+            return self.base(x, *extra)
+        ids = pair_ids.to(x.device)
+        ids = ids[:, None] if ids.dim() == 1 else ids  # [B, 1] or [B, T]
+        out = self._routed(x, self.uses[ids], *extra)
+        base_rows = ids == 0
+        if bool(base_rows.any()):
+            out = torch.where(base_rows[..., None], self.base(x, *extra), out)
+        return out
+
+
+def patch_delta(model: nn.Module, family: Family,
+                tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[DeltaFFN]:
+    """Replace the FFN of each layer in `tables` (layer -> landermt.partition.delta_tables' entry) by a DeltaFFN
+    with a zero update."""
+    layers = family.decoder_layers(model)
+    routed = []
+    for index, (general, specific, uses) in sorted(tables.items()):
+        ffn = layers[index].mlp
+        if isinstance(ffn, (RoutedFFN, DeltaFFN)):
+            raise ValueError(f"layer {index} is already patched")
+        layers[index].mlp = DeltaFFN(ffn, family, general, specific, uses)
+        routed.append(layers[index].mlp)
+    return routed
+
+
 def patch(model: nn.Module, family: Family, tables: dict[int, torch.Tensor]) -> list[RoutedFFN]:
     """Replace the FFN of each layer in `tables` (layer index -> [pairs + 1, p] scale table)."""
     layers = family.decoder_layers(model)
@@ -101,7 +245,7 @@ def patch(model: nn.Module, family: Family, tables: dict[int, torch.Tensor]) -> 
     routed = []
     for index, table in sorted(tables.items()):
         ffn = layers[index].mlp
-        if isinstance(ffn, RoutedFFN):
+        if isinstance(ffn, (RoutedFFN, DeltaFFN)):
             raise ValueError(f"layer {index} is already patched")
         device = getattr(ffn, family.up).weight.device
         layers[index].mlp = RoutedFFN(ffn, family, table.to(device=device, dtype=dtype))
@@ -112,5 +256,5 @@ def patch(model: nn.Module, family: Family, tables: dict[int, torch.Tensor]) -> 
 def unpatch(model: nn.Module, family: Family) -> None:
     """Put the original FFN modules back (their parameters are the same objects)."""
     for layer in family.decoder_layers(model):
-        if isinstance(layer.mlp, RoutedFFN):
+        if isinstance(layer.mlp, (RoutedFFN, DeltaFFN)):
             layer.mlp = layer.mlp.base

@@ -1,0 +1,144 @@
+"""The delta rule (landermt.routing.DeltaFFN) on tiny models of every family: the base model exactly before any
+training, a mixed batch equal to each pair alone, each pair's update and nothing else, exact zero gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from landermt.families import family_of
+from landermt.partition import delta_tables
+from landermt.routing import DeltaFFN, patch_delta, route, unpatch
+from tests.test_routing import inputs, logits, random_partition
+
+
+def patched(model, partition) -> list[DeltaFFN]:
+    return patch_delta(model, family_of(model), delta_tables(partition))
+
+
+def random_update(modules: list[DeltaFFN], seed: int = 1, scale: float = 0.5) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for p in module.update.values():
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def all_ids(partition) -> list[int]:
+    return list(range(len(partition.pairs) + 1))
+
+
+def test_before_training_every_pair_is_the_base_model_bit_for_bit(family_model, tokenizer):
+    batch = inputs(tokenizer)
+    base = logits(family_model, batch)
+    partition = random_partition(family_model)
+    patched(family_model, partition)
+    assert torch.equal(logits(family_model, batch), base)  # no ids
+    for pair in all_ids(partition):
+        assert torch.equal(logits(family_model, batch, torch.full((4,), pair)), base), pair
+    assert torch.equal(logits(family_model, batch, torch.tensor([0, 3, 5, 6])), base)
+
+
+def test_mixed_batch_equals_each_pair_alone_and_row_0_is_the_base(family_model, tokenizer):
+    batch = inputs(tokenizer)
+    base = logits(family_model, batch)
+    partition = random_partition(family_model)
+    random_update(patched(family_model, partition))
+    mixed = torch.tensor([partition.pair_id("en", "de"), partition.pair_id("fr", "zh"), 0,
+                          partition.pair_id("de", "en")])
+    out = logits(family_model, batch, mixed)
+    assert torch.equal(out[2], base[2])  # row 0 in a mixed batch: the base model exactly
+    for pair in mixed.unique():
+        alone = logits(family_model, batch, torch.full_like(mixed, int(pair)))
+        rows = mixed == pair
+        assert torch.equal(out[rows], alone[rows])
+    assert not torch.allclose(out[0], base[0])  # the update really acts
+    per_token = mixed[:, None].expand_as(batch["input_ids"])
+    assert torch.equal(logits(family_model, batch, per_token), out)
+
+
+def merged_reference(model, partition, modules: list[DeltaFFN], pair: int):
+    """What pair `pair` should compute: the plain model with W + Δ on G ∪ S_a ∪ S_b and W elsewhere."""
+    family = family_of(model)
+    updates = {index: {k: v.detach().clone() for k, v in m.update.items()} for index, m in zip(
+        sorted(partition.layers), modules, strict=True)}
+    unpatch(model, family)
+    x, y = partition.pairs[pair - 1]
+    a, b = partition.languages.index(x), partition.languages.index(y)
+    with torch.no_grad():
+        for index, update in updates.items():
+            keep = partition.layers[index].pair_mask(a, b).float()
+            ffn = family.ffns(model)[index]
+            for key, delta in update.items():
+                name, kind = key.split(":")
+                param = getattr(getattr(ffn, name), kind)
+                part = next(p for p in ("up", "gate", "down") if getattr(family, p) == name)
+                shape = [1] * param.dim()
+                shape[family.neuron_axis(part) if kind == "weight" else 0] = -1
+                param += delta * keep.view(shape)
+
+
+def test_each_pair_adds_its_own_neurons_update_and_other_languages_keep_the_base(family_model, tokenizer):
+    batch = inputs(tokenizer)
+    partition = random_partition(family_model)
+    modules = patched(family_model, partition)
+    random_update(modules, scale=0.05)
+    pair = partition.pair_id("de", "zh")
+    routed = logits(family_model, batch, torch.full((4,), pair))
+    merged_reference(family_model, partition, modules, pair)
+    torch.testing.assert_close(routed, logits(family_model, batch), rtol=1e-4, atol=1e-4)
+
+
+def test_outside_its_pair_an_update_gets_exactly_zero_gradient_from_a_row(family_model, tokenizer):
+    batch = {k: v[:1] for k, v in inputs(tokenizer).items()}
+    partition = random_partition(family_model, layers=(1,))
+    [module] = patched(family_model, partition)
+    random_update([module])
+    for p in module.update.values():
+        p.requires_grad_(True)
+    pair = partition.pair_id("en", "de")
+    with route(torch.tensor([pair])):
+        family_model(**batch).logits.float().square().mean().backward()
+    part = partition.layers[1]
+    outside = ~part.pair_mask(0, 1)
+    assert outside.any() and (~outside).any()
+    family = family_of(family_model)
+    for key, p in module.update.items():
+        name, kind = key.split(":")
+        part_name = next(x for x in ("up", "gate", "down") if getattr(family, x) == name)
+        grad = p.grad.movedim(family.neuron_axis(part_name) if kind == "weight" else 0, 0)
+        assert torch.all(grad[outside] == 0), key
+        assert grad[~outside].abs().sum() > 0, key
+
+
+def test_inference_reuses_merged_weights_until_an_update_changes(tokenizer):
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", len(tokenizer))
+    batch = inputs(tokenizer)
+    partition = random_partition(model)
+    modules = patched(model, partition)
+    ids = torch.full((4,), partition.pair_id("en", "fr"))
+    before = logits(model, batch, ids)
+    cached = modules[0]._cache[1]["up_proj.weight"]
+    assert logits(model, batch, ids) is not None and modules[0]._cache[1]["up_proj.weight"] is cached
+    random_update(modules)  # in place, as an optimizer step: the cache must notice
+    assert not torch.equal(logits(model, batch, ids), before)
+
+
+@pytest.mark.parametrize("bad", ["row0", "width"])
+def test_a_malformed_uses_table_is_refused(tokenizer, bad):
+    from tests.conftest import tiny_model
+
+    model = tiny_model("gemma", len(tokenizer))
+    partition = random_partition(model)
+    tables = delta_tables(partition)
+    general, specific, uses = tables[1]
+    uses = uses.clone()
+    if bad == "row0":
+        uses[0, 0] = 1
+    else:
+        uses = uses[:, :-1]
+    tables[1] = (general, specific, uses)
+    with pytest.raises(ValueError, match="uses must be"):
+        patch_delta(model, family_of(model), tables)
