@@ -8,8 +8,13 @@ A directory with three files, never pickled:
 * `partitions.safetensors`: per selected layer i, `layers.i.phi` [languages, p] float32 (Φ per
   language) and `layers.i.specific` [p] int64 (language index of each specific neuron, -1 for
   general ones: the general mask is `specific == -1`).
-* `ffn.safetensors` (optional, written by training): the FFN weights of the selected layers,
-  `layers.i.<module>.<weight|bias>` with the family's module names. Absent means base weights.
+* `ffn.safetensors` (optional, written by training, routing rule `mask`): the FFN weights of the selected
+  layers, `layers.i.<module>.<weight|bias>` with the family's module names. Absent means base weights.
+* `update.safetensors` (optional, written by training, routing rule `delta`): only what differs from the
+  base, the update trained − base of the same parameters under the same keys (the down bias, no neuron's,
+  is never updated). Absent means a zero update: the base model.
+
+The manifest's `routing` names the rule (landermt.routing); artifacts made before it existed are `mask`.
 
 `load_artifact` validates schema, keys, shapes and values, and `Artifact.apply` checks the base
 model's weights hash before patching; each failure names what mismatched.
@@ -29,11 +34,11 @@ from torch import nn
 
 from landermt.families import Family, family_of
 from landermt.models import weights_sha256
-from landermt.partition import CAR_MODES, GENERAL, LayerPartition, Partition
-from landermt.routing import RoutedFFN, patch
+from landermt.partition import CAR_MODES, GENERAL, LayerPartition, Partition, delta_tables
+from landermt.routing import ROUTING_RULES, DeltaFFN, RoutedFFN, patch, patch_delta
 
 SCHEMA_VERSION = 1
-MANIFEST, PARTITIONS, FFN = "manifest.json", "partitions.safetensors", "ffn.safetensors"
+MANIFEST, PARTITIONS, FFN, UPDATE = "manifest.json", "partitions.safetensors", "ffn.safetensors", "update.safetensors"
 
 
 class ArtifactError(ValueError):
@@ -66,6 +71,7 @@ class Manifest:
     created: dict
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
+    routing: str = "mask"  # landermt.routing.ROUTING_RULES; absent in artifacts made before the delta rule
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -82,7 +88,7 @@ class Manifest:
         if version != SCHEMA_VERSION:
             raise ArtifactError(f"{source}: schema_version {version!r}, this code reads {SCHEMA_VERSION}")
         names = set(cls.__dataclass_fields__)
-        missing = sorted(n for n in names - set(raw) if n not in ("extra",))
+        missing = sorted(n for n in names - set(raw) if n not in ("extra", "routing"))
         unknown = sorted(set(raw) - names)
         if missing or unknown:
             raise ArtifactError(f"{source}: missing keys {missing}, unknown keys {unknown}")
@@ -92,6 +98,9 @@ class Manifest:
             raise ArtifactError(f"{source}: base_model must have exactly the keys {sorted(base_names)}")
         raw["base_model"] = BaseModelInfo(**base)
         manifest = cls(**raw)
+        if manifest.routing not in ROUTING_RULES:
+            rules = ", ".join(ROUTING_RULES)
+            raise ArtifactError(f"{source}: routing is {manifest.routing!r}, expected one of {rules}")
         if manifest.car not in CAR_MODES:
             raise ArtifactError(f"{source}: car is {manifest.car!r}, expected one of {', '.join(CAR_MODES)}")
         if len(set(manifest.languages)) != len(manifest.languages) or len(manifest.languages) < 2:
@@ -103,15 +112,16 @@ class Manifest:
 class Artifact:
     manifest: Manifest
     partition: Partition
-    ffn: dict[str, torch.Tensor] | None = None
+    ffn: dict[str, torch.Tensor] | None = None  # rule mask: trained FFN weights
+    update: dict[str, torch.Tensor] | None = None  # rule delta: trained − base
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the artifact was built in: its base weights hash is of the model in this dtype."""
         return getattr(torch, self.manifest.created.get("dtype", "torch.bfloat16").removeprefix("torch."))
 
-    def apply(self, model: nn.Module, verify_base: bool = True) -> list[RoutedFFN]:
-        """Check the base model, load trained FFN weights if any, patch the selected layers."""
+    def apply(self, model: nn.Module, verify_base: bool = True) -> list[RoutedFFN] | list[DeltaFFN]:
+        """Check the base model, patch the selected layers by the manifest's rule, load what training made."""
         family = family_of(model)
         base = self.manifest.base_model
         layers = family.decoder_layers(model)
@@ -128,6 +138,11 @@ class Artifact:
                 f"{base.sha256[:16]}… ({base.name}, {self.manifest.created.get('dtype', '?')}): the artifact "
                 f"was built on another model or dtype (this one is {next(model.parameters()).dtype})"
             )
+        if self.manifest.routing == "delta":
+            modules = patch_delta(model, family, delta_tables(self.partition))
+            if self.update is not None:
+                load_update(modules, self.manifest.layers, self.update)
+            return modules
         if self.ffn is not None:
             load_ffn_weights(model, family, self.ffn)
         return patch(model, family, self.partition.scale_tables())
@@ -141,6 +156,27 @@ def ffn_weights(model: nn.Module, family: Family, layers: list[int]) -> dict[str
         for name, param in ffns[i].named_parameters():
             out[f"layers.{i}.{name}"] = param.detach().cpu().contiguous()
     return out
+
+
+def update_weights(modules: list[DeltaFFN], layers: list[int]) -> dict[str, torch.Tensor]:
+    """The update of each DeltaFFN (of `layers`, in order), keyed `layers.i.<module>.<weight|bias>`."""
+    return {f"layers.{i}.{key.replace(':', '.')}": p.detach().cpu().contiguous()
+            for i, module in zip(layers, modules, strict=True) for key, p in module.update.items()}
+
+
+def load_update(modules: list[DeltaFFN], layers: list[int], weights: dict[str, torch.Tensor]) -> None:
+    """Copy `update_weights` output into the DeltaFFN modules, checking every key and shape first."""
+    targets = {f"layers.{i}.{key.replace(':', '.')}": p
+               for i, module in zip(layers, modules, strict=True) for key, p in module.update.items()}
+    for key, value in weights.items():
+        if key not in targets:
+            raise ArtifactError(f"{UPDATE}: {key} is not an updated parameter of this model's routed layers")
+        if targets[key].shape != value.shape:
+            raise ArtifactError(f"{UPDATE}: {key} has shape {tuple(value.shape)}, model has "
+                                f"{tuple(targets[key].shape)}")
+    with torch.no_grad():
+        for key, value in weights.items():
+            targets[key].copy_(value)
 
 
 def load_ffn_weights(model: nn.Module, family: Family, weights: dict[str, torch.Tensor]) -> None:
@@ -160,9 +196,11 @@ def load_ffn_weights(model: nn.Module, family: Family, weights: dict[str, torch.
             param.copy_(weights[key])
 
 
-def save_artifact(
-    directory: str | Path, manifest: Manifest, partition: Partition, ffn: dict[str, torch.Tensor] | None = None
-) -> Path:
+def save_artifact(directory: str | Path, manifest: Manifest, partition: Partition,
+                  ffn: dict[str, torch.Tensor] | None = None, update: dict[str, torch.Tensor] | None = None) -> Path:
+    """`ffn` for rule mask, `update` for rule delta (the manifest's `routing`)."""
+    if (ffn if manifest.routing == "delta" else update) is not None:
+        raise ValueError(f"routing {manifest.routing!r} stores {'update' if manifest.routing == 'delta' else 'ffn'}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -172,6 +210,8 @@ def save_artifact(
     save_file(tensors, directory / PARTITIONS)
     if ffn is not None:
         save_file(ffn, directory / FFN)
+    if update is not None:
+        save_file(update, directory / UPDATE)
     (directory / MANIFEST).write_text(manifest.to_json() + "\n")  # last: marks the artifact complete
     return directory
 
@@ -221,9 +261,14 @@ def load_artifact(directory: str | Path) -> Artifact:
             stored = manifest.car_ratios.get(pair, {}).get(str(i))
             if stored is None or not math.isclose(stored, c, rel_tol=1e-5, abs_tol=1e-9):
                 raise ArtifactError(f"{MANIFEST}: c for {pair} layer {i} is {stored}, the partition gives {c:.6g}")
-    ffn = _read_tensors(directory / FFN) if (directory / FFN).exists() else None
-    if ffn is not None:
-        layer_keys = {key.split(".")[1] for key in ffn}
+    own, other = (UPDATE, FFN) if manifest.routing == "delta" else (FFN, UPDATE)
+    if (directory / other).exists():
+        raise ArtifactError(f"{directory}: {other} does not belong to an artifact with routing {manifest.routing!r}")
+    weights = _read_tensors(directory / own) if (directory / own).exists() else None
+    if weights is not None:
+        layer_keys = {key.split(".")[1] for key in weights}
         if layer_keys != {str(i) for i in manifest.layers}:
-            raise ArtifactError(f"{FFN}: holds layers {sorted(layer_keys)}, manifest selects {manifest.layers}")
-    return Artifact(manifest, partition, ffn)
+            raise ArtifactError(f"{own}: holds layers {sorted(layer_keys)}, manifest selects {manifest.layers}")
+    if manifest.routing == "delta":
+        return Artifact(manifest, partition, update=weights)
+    return Artifact(manifest, partition, ffn=weights)

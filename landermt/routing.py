@@ -40,6 +40,8 @@ from torch.func import functional_call
 
 from landermt.families import Family
 
+ROUTING_RULES: tuple[str, ...] = ("mask", "delta")
+
 _PAIR_IDS: ContextVar[torch.Tensor | None] = ContextVar("landermt_pair_ids", default=None)
 
 

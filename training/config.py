@@ -61,7 +61,8 @@ class MethodConfig(Strict):
     k: int = Field(4, ge=1)
     layers: list[int] | None = None  # None: the k detected layers; else these (a setting chosen on dev)
     epsilon: float = Field(0.9, ge=0.0, le=1.0)
-    car: Literal["paper", "swapped", "off"] = "paper"
+    car: Literal["paper", "swapped", "off"] = "paper"  # rule mask only: the delta rule scales nothing
+    routing: Literal["delta", "mask"] = "delta"  # landermt.routing: route the update (delta) or the neuron (mask)
     objective: Literal["lm", "translation"] = "lm"
     detect_samples: int = Field(64, ge=1)
     score_samples: int = Field(200, ge=1)

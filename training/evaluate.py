@@ -32,6 +32,7 @@ from landermt.generate import decoded, stop_token_ids
 from landermt.loss import target_loss
 from landermt.models import load_model
 from landermt.prompts import IGNORE, batches, few_shot_prefix, render_prompt, text_example
+from landermt.routing import route
 from training import langid
 from training.data import TESTSETS, evaluation_set
 
@@ -94,12 +95,14 @@ def mean_bleu_interval(results: dict[str, dict], samples: int = 1000, seed: int 
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16) -> float:
-    """exp(mean token NLL) of plain text through the base path (no routing)."""
+def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16, pair_id: int | None = None) -> float:
+    """exp(mean token NLL) of plain text, every row routed through `pair_id` (None: no routing)."""
     examples = [text_example(tokenizer, line, 256) for line in lines]
     total, tokens = 0.0, 0
-    for batch in batches(examples, batch_size, tokenizer.pad_token_id):
-        total += target_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], "sum").item()
+    for batch in tqdm(list(batches(examples, batch_size, tokenizer.pad_token_id)), desc="perplexity", unit="batch",
+                      leave=False):
+        with route(None if pair_id is None else torch.full((len(batch["input_ids"]),), pair_id)):
+            total += target_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], "sum").item()
         tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
     return math.exp(total / max(tokens, 1))
 
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             src, _, tgt = direction.partition("-")
             if src not in m.languages or tgt not in m.languages or src == tgt:
                 parser.error(f"direction {direction!r} is not servable; languages: {', '.join(m.languages)}")
+        if args.unrouted and m.routing == "delta":
+            parser.error("--unrouted is for mask artifacts: a delta artifact unrouted is the base model itself")
         model, tokenizer = load_model(args.model, artifact.dtype)
         artifact.apply(model)
         pair_id = (lambda src, tgt: None) if args.unrouted else artifact.partition.pair_id

@@ -7,13 +7,16 @@
 | full       | every parameter                               | base                             |
 | lora       | PEFT LoRA adapters on attention and MLP       | base + adapters                  |
 | layers     | all FFN neurons of the selected layers        | base                             |
-| ls         | language-specific neurons of selected layers  | routed CAR (pair's neurons only) |
-| lg         | language-general neurons of selected layers   | routed CAR                       |
-| landermt   | general + the pair's specific neurons         | routed CAR                       |
+| ls         | language-specific neurons of selected layers  | routed (pair's neurons only)     |
+| lg         | language-general neurons of selected layers   | routed                           |
+| landermt   | general + the pair's specific neurons         | routed                           |
 
-With routing, neurons outside a row's pair get exactly zero gradient from that row (routing.py),
-so LANDeRMT's per-pair rule needs nothing more; `ls` and `lg` additionally zero the gradient of
-the neurons they never train.
+Routed methods follow `method.routing`: `delta` (default) trains an update of the selected layers'
+neurons beside the frozen base weights (routing.DeltaFFN: a row adds its pair's updates, nothing is
+switched off); `mask` trains those neurons' weights in place under the paper's CAR mask
+(routing.RoutedFFN). Either way neurons outside a row's pair get exactly zero gradient from that
+row, so LANDeRMT's per-pair rule needs nothing more; `ls` and `lg` additionally zero the gradient
+of the neurons they never train.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from landermt.families import family_of
-from landermt.partition import Partition
-from landermt.routing import patch
+from landermt.partition import Partition, delta_tables
+from landermt.routing import patch, patch_delta
 from training.config import MethodConfig
 
 FFN_PARTS = ("up", "gate", "down")
@@ -51,6 +54,19 @@ def _ffn_parameters(model: nn.Module, layers: list[int]) -> list[tuple[str, nn.P
             out.append((f"layers.{i}.{attr}.weight", module.weight, family.neuron_axis(part)))
             if part != "down" and module.bias is not None:
                 out.append((f"layers.{i}.{attr}.bias", module.bias, 0))
+    return out
+
+
+def _update_parameters(model: nn.Module, layers: list[int], modules) -> list[tuple[str, nn.Parameter, int]]:
+    """(name, param, neuron axis) of the delta rule's updates, named `layers.i.update.<module>.<weight|bias>`."""
+    family = family_of(model)
+    parts = {getattr(family, part): part for part in FFN_PARTS if getattr(family, part)}
+    out = []
+    for i, module in zip(layers, modules, strict=True):
+        for key, p in module.update.items():
+            name, kind = key.split(":")
+            out.append((f"layers.{i}.update.{name}.{kind}", p, family.neuron_axis(parts[name]) if kind == "weight"
+                        else 0))
     return out
 
 
@@ -82,12 +98,17 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
         raise ValueError(f"method {name} needs a partition (detect/score/partition stages)")
     layers = sorted(partition.layers)
     _freeze_all(model)
-    params = _ffn_parameters(model, layers)
+    if name == "layers":
+        params = _ffn_parameters(model, layers)
+    elif method.routing == "delta":
+        params = _update_parameters(model, layers, patch_delta(model, family_of(model), delta_tables(partition)))
+    else:
+        params = _ffn_parameters(model, layers)
+        patch(model, family_of(model), partition.scale_tables())
     for _, p, _ in params:
         p.requires_grad_(True)
     if name == "layers":
         return Prepared(model, params)
-    patch(model, family_of(model), partition.scale_tables())
     if name in ("ls", "lg"):
         for param_name, p, axis in params:
             general = partition.layers[int(param_name.split(".")[1])].general

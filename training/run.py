@@ -14,6 +14,7 @@ train_log.jsonl, eval.json and eval.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
-from landermt.artifact import MANIFEST, ffn_weights, load_artifact, save_artifact
+from landermt.artifact import MANIFEST, ffn_weights, load_artifact, save_artifact, update_weights
 from landermt.build import build
 from landermt.cli import user_errors
 from landermt.data import data_root, training_corpora
@@ -184,9 +185,13 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
     if c.method.name == "lora":  # merged as one would deploy it; PEFT's unmerged generation is ~10x slower here
         return prepared.model.merge_and_unload(), key
     if artifact is not None and prepared.routed and run.rank == 0:  # the artifact serves routed methods only
-        family = family_of(model)
-        save_artifact(run.output / "artifact", artifact.manifest, artifact.partition,
-                      ffn_weights(model, family, artifact.manifest.layers))
+        family, layers = family_of(model), sorted(artifact.partition.layers)
+        manifest = dataclasses.replace(artifact.manifest, routing=c.method.routing)
+        if c.method.routing == "delta":
+            update = update_weights([family.ffns(model)[i] for i in layers], layers)
+            save_artifact(run.output / "artifact", manifest, artifact.partition, update=update)
+        else:
+            save_artifact(run.output / "artifact", manifest, artifact.partition, ffn=ffn_weights(model, family, layers))
     return prepared.model, key
 
 
@@ -216,8 +221,13 @@ def stage_evaluate(run: Run, model, tokenizer, artifact, base_perplexity: dict[s
         scores = evaluate_directions(model, tokenizer, DEFAULT_TEMPLATE, usable, name, c.data.root, c.eval.limit,
                                      pair_id, c.eval.batch_size, c.eval.max_new_tokens, shots)
         results["testsets"][name] = scores
+    # Forgetting. A mask-rule model unrouted is its trained weights with every neuron; a delta-rule model
+    # unrouted is the base itself, so its text of language l goes through the pair en-l (en: with the first other).
+    delta = partition is not None and c.method.routing == "delta"
     results["perplexity"] = {
-        lang: {"base": base_perplexity[lang], "after": perplexity(model, tokenizer, _heldout(c, lang))}
+        lang: {"base": base_perplexity[lang], "after": perplexity(
+            model, tokenizer, _heldout(c, lang),
+            pair_id=partition.pair_id("en", c.data.languages[0] if lang == "en" else lang) if delta else None)}
         for lang in base_perplexity}
     (run.output / "eval.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     tables = [f"## {name}\n\n{markdown_table(scores)}" for name, scores in results["testsets"].items()]
@@ -245,7 +255,9 @@ def pipeline(run: Run, resume: bool, skip_eval: bool) -> None:
     """Every stage in order; each one is skipped when its cached output is still valid."""
     model, tokenizer = run.rank_zero_first(lambda: load_base(run))
     base_sha = weights_sha256(model)
-    base_ppl = run.rank_zero_first(lambda: stage_base_perplexity(run, model, tokenizer, base_sha))
+    # the forgetting baseline is only for the evaluate stage (measured before finetuning changes the weights)
+    base_ppl = None if skip_eval else run.rank_zero_first(lambda: stage_base_perplexity(run, model, tokenizer,
+                                                                                         base_sha))
     artifact = None
     if run.config.method.name in NEURON_METHODS:
         artifact = run.rank_zero_first(lambda: stage_partition(run, model, tokenizer, base_sha))

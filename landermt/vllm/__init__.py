@@ -45,3 +45,12 @@ def routed_overrides(architecture: str, artifact: str) -> dict[str, object]:
 def cache_salt(pair_id: int | None) -> str:
     """The prefix-cache salt of a pair: KV blocks are only shared between requests of one pair."""
     return f"landermt-pair-{pair_id or 0}"
+
+
+def check_rule(routing: str, source: str) -> None:
+    """The plugin routes by the mask rule only (the delta rule's vLLM layer is not written yet): refuse the rest."""
+    if routing != "mask":
+        from landermt.artifact import ArtifactError  # torch-heavy: only when refusing
+
+        raise ArtifactError(f"{source}: routing rule {routing!r} is not supported by the vLLM backend yet; "
+                         "serve it with the torch backend (--backend torch)")

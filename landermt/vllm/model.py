@@ -36,7 +36,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from landermt.artifact import Artifact, ArtifactError, load_artifact
-from landermt.vllm import ARTIFACT_KEY
+from landermt.vllm import ARTIFACT_KEY, check_rule
 from landermt.vllm.runner import model_state_cls
 
 DYNAMIC_ARG_DIMS = {"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0, "pair_ids": 0}
@@ -111,6 +111,7 @@ def _load_artifact(vllm_config: VllmConfig) -> Artifact:
     if not path:
         raise ArtifactError(f"a LANDeRMT routed model needs `{ARTIFACT_KEY}` in its config (see routed_overrides)")
     artifact = load_artifact(path)
+    check_rule(artifact.manifest.routing, str(path))
     base = artifact.manifest.base_model
     got = (config.model_type, config.num_hidden_layers, config.intermediate_size)
     if got != (base.model_type, base.num_layers, base.intermediate_size):
