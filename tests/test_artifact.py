@@ -161,3 +161,77 @@ def test_inspect_reports_a_bad_artifact_without_a_traceback(tmp_path, capsys):
         inspect_main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert "not a LANDeRMT artifact" in capsys.readouterr().err
+
+
+def delta_copy(built, tmp_path, scale: float = 0.01):
+    """The built artifact as a delta-rule one with a random update, and the update."""
+    import dataclasses
+
+    from landermt.artifact import update_weights
+    from landermt.partition import delta_tables
+    from landermt.routing import patch_delta, unpatch
+
+    model, directory = built
+    artifact = load_artifact(directory)
+    family = family_of(model)
+    layers = sorted(artifact.partition.layers)
+    modules = patch_delta(model, family, delta_tables(artifact.partition))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in modules:
+            for p in module.update.values():
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    update = update_weights(modules, layers)
+    unpatch(model, family)
+    manifest = dataclasses.replace(artifact.manifest, routing="delta")
+    return save_artifact(tmp_path / "delta", manifest, artifact.partition, update=update), update
+
+
+def test_delta_artifact_round_trip_serves_its_update_and_keeps_the_base_hash(built, tmp_path, tokenizer):
+    from landermt.artifact import UPDATE
+
+    model, _ = built
+    directory, update = delta_copy(built, tmp_path)
+    loaded = load_artifact(directory)
+    assert json.loads((directory / MANIFEST).read_text())["routing"] == "delta"
+    assert loaded.ffn is None and loaded.update.keys() == update.keys()
+    assert all(torch.equal(loaded.update[k], update[k]) for k in update)
+    assert not (directory / FFN).exists() and (directory / UPDATE).exists()
+
+    batch = tokenizer(["The cat sleeps.", "Wo ist der Bahnhof?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        base = model(**batch).logits
+    loaded.apply(model)  # the base is untouched by a delta artifact: its hash still matches
+    pair = loaded.partition.pair_id("de", "en")
+    with torch.no_grad(), route(torch.tensor([pair, 0])):
+        routed = model(**batch).logits
+    assert torch.equal(routed[1], base[1]) and not torch.allclose(routed[0], base[0])
+
+
+def test_delta_artifact_mismatches_are_refused(built, tmp_path, tokenizer):
+    from safetensors.torch import save_file
+
+    from landermt.artifact import UPDATE
+
+    model, _ = built
+    directory, update = delta_copy(built, tmp_path)
+    key = next(iter(update))
+    save_file({**update, key: torch.zeros(3, 3)}, directory / UPDATE)
+    with pytest.raises(ArtifactError, match=f"{UPDATE}: {key} has shape \\(3, 3\\)"):
+        load_artifact(directory).apply(tiny_model("gemma", len(tokenizer)))
+    save_file(ffn_weights(model, family_of(model), load_artifact(directory).manifest.layers), directory / FFN)
+    with pytest.raises(ArtifactError, match="ffn.safetensors does not belong to an artifact with routing 'delta'"):
+        load_artifact(directory)
+    (directory / FFN).unlink()
+    manifest = json.loads((directory / MANIFEST).read_text())
+    (directory / MANIFEST).write_text(json.dumps(manifest | {"routing": "sideways"}))
+    with pytest.raises(ArtifactError, match="routing is 'sideways', expected one of mask, delta"):
+        load_artifact(directory)
+
+
+def test_artifacts_made_before_the_delta_rule_load_as_mask(built):
+    _, directory = built
+    manifest = json.loads((directory / MANIFEST).read_text())
+    del manifest["routing"]
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    assert load_artifact(directory).manifest.routing == "mask"

@@ -38,11 +38,12 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("routing", ["delta", "mask"])
 @pytest.mark.parametrize("method", ["landermt", "ls", "lg"])
-def test_untouched_neurons_and_all_other_parameters_stay_bit_for_bit(tokenizer, method):
+def test_untouched_neurons_and_all_other_parameters_stay_bit_for_bit(tokenizer, method, routing):
     model = tiny_model("gemma", len(tokenizer))
     partition = partition_for(model)
-    prepared = prepare(model, MethodConfig(name=method), partition)
+    prepared = prepare(model, MethodConfig(name=method, routing=routing), partition)
     optimizer = NeuronAdamW([(p, axis) for _, p, axis in prepared.trainable], lr=1e-2, weight_decay=0.1)
     trainable = {id(p) for _, p, _ in prepared.trainable}
 
