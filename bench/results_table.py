@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 from report import update_section  # bench/report.py, beside this script
 
+from training.config import NEURON_METHODS
 from training.evaluate import mean_bleu_interval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ PAPER_EPSILON = 0.9
 def row_name(method: str, config: dict, run: Path) -> str:
     """The method, plus the neuron settings that distinguish runs of it: layers, and for routed methods
     the CAR mode and ε when it is not the paper's 0.9."""
-    if method not in ("layers", "ls", "lg", "landermt"):
+    if method not in NEURON_METHODS:
         return method
     partition = json.loads((run / "artifact" / "manifest.json").read_text())
     layers = partition["layers"]
@@ -41,6 +42,8 @@ def row_name(method: str, config: dict, run: Path) -> str:
     if method == "layers":
         return f"{method} (layers {span})"
     epsilon = "" if partition["epsilon"] == PAPER_EPSILON else f", ε {partition['epsilon']}"
+    if partition.get("routing", "mask") == "delta":  # the delta rule scales nothing: CAR does not apply
+        return f"{method} delta (layers {span}{epsilon})"
     return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
 
 

@@ -3,16 +3,41 @@ the key path (e.g. `train.lr: Input should be greater than 0`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Method = Literal["zero_shot", "few_shot", "full", "lora", "layers", "ls", "lg", "landermt"]
-METHODS: tuple[str, ...] = Method.__args__
-FINETUNED: tuple[str, ...] = ("full", "lora", "layers", "ls", "lg", "landermt")
-NEURON_METHODS: tuple[str, ...] = ("layers", "ls", "lg", "landermt")  # need detect/score/partition
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What one method needs and makes; training/methods.py builds it, training/run.py runs it."""
+
+    partition: bool  # needs the detect / score / partition stages
+    finetuned: bool
+    routed: bool  # rows carry their pair's id, and the run writes a servable artifact
+    trains: str
+    saved: str
+
+
+_ROUTED_SAVE = "artifact/: update.safetensors (routing delta) or ffn.safetensors (mask)"
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "zero_shot": MethodSpec(False, False, False, "nothing", "nothing"),
+    "few_shot": MethodSpec(False, False, False, "nothing (k FLORES dev examples in the prompt)", "nothing"),
+    "full": MethodSpec(False, True, False, "every parameter", "trained.safetensors"),
+    "lora": MethodSpec(False, True, False, "PEFT LoRA adapters on attention and MLP",
+                       "trained.safetensors (adapters; merged for evaluation)"),
+    "layers": MethodSpec(True, True, False, "all FFN neurons of the selected layers", "trained.safetensors"),
+    "ls": MethodSpec(True, True, True, "the pair's language-specific neurons", _ROUTED_SAVE),
+    "lg": MethodSpec(True, True, True, "the language-general neurons", _ROUTED_SAVE),
+    "landermt": MethodSpec(True, True, True, "general + the pair's specific neurons", _ROUTED_SAVE),
+}
+Method = Literal[tuple(METHOD_SPECS)]
+METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
+FINETUNED: tuple[str, ...] = tuple(name for name, spec in METHOD_SPECS.items() if spec.finetuned)
+NEURON_METHODS: tuple[str, ...] = tuple(name for name, spec in METHOD_SPECS.items() if spec.partition)
 
 
 class Strict(BaseModel):

@@ -1,15 +1,4 @@
-"""What each method trains, and whether its batches are routed.
-
-| method     | trainable                                     | forward                          |
-|------------|-----------------------------------------------|----------------------------------|
-| zero_shot  | nothing                                       | base                             |
-| few_shot   | nothing (k FLORES dev examples in the prompt) | base                             |
-| full       | every parameter                               | base                             |
-| lora       | PEFT LoRA adapters on attention and MLP       | base + adapters                  |
-| layers     | all FFN neurons of the selected layers        | base                             |
-| ls         | language-specific neurons of selected layers  | routed (pair's neurons only)     |
-| lg         | language-general neurons of selected layers   | routed                           |
-| landermt   | general + the pair's specific neurons         | routed                           |
+"""What each method trains (the table of what each method needs is training.config.METHOD_SPECS).
 
 Routed methods follow `method.routing`: `delta` (default) trains an update of the selected layers'
 neurons beside the frozen base weights (routing.DeltaFFN: a row adds its pair's updates, nothing is
@@ -28,7 +17,7 @@ from torch import nn
 from landermt.families import family_of
 from landermt.partition import Partition, delta_tables
 from landermt.routing import patch, patch_delta
-from training.config import MethodConfig
+from training.config import METHOD_SPECS, MethodConfig
 
 FFN_PARTS = ("up", "gate", "down")
 
@@ -117,4 +106,4 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
             shape[axis] = -1
             mask = keep.view(shape).to(p.dtype)
             p.register_hook(lambda grad, mask=mask: grad * mask)
-    return Prepared(model, params, routed=True)
+    return Prepared(model, params, routed=METHOD_SPECS[name].routed)

@@ -36,7 +36,7 @@ from landermt.families import family_of
 from landermt.models import load_model, weights_sha256
 from landermt.prompts import DEFAULT_TEMPLATE, translation_example
 from training import data as train_data
-from training.config import FINETUNED, METHODS, NEURON_METHODS, ConfigError, RunConfig, load_config
+from training.config import FINETUNED, METHOD_SPECS, METHODS, NEURON_METHODS, ConfigError, RunConfig, load_config
 from training.evaluate import evaluate_directions, markdown_table, perplexity
 from training.finetune import CHECKPOINT, Trainer, world
 from training.methods import prepare
@@ -208,7 +208,7 @@ def stage_evaluate(run: Run, model, tokenizer, artifact, base_perplexity: dict[s
     if run.cached("evaluate", key, "eval.json"):
         print("evaluate: cached", flush=True)
         return json.loads((run.output / "eval.json").read_text())
-    partition = artifact.partition if artifact and c.method.name in ("landermt", "ls", "lg") else None
+    partition = artifact.partition if artifact and METHOD_SPECS[c.method.name].routed else None
     pair_id = (lambda s, t: partition.pair_id(s, t)) if partition else (lambda s, t: None)
     shots = None
     if c.method.name == "few_shot":
