@@ -41,7 +41,7 @@ from report import update_section  # bench/report.py, beside this script
 from landermt.artifact import load_artifact
 from landermt.generate import greedy
 from landermt.loss import target_loss
-from landermt.models import load_model
+from landermt.models import load_model, resolve_dtype
 from landermt.prompts import DEFAULT_TEMPLATE, IGNORE, collate, render_prompt
 from landermt.routing import route
 from training import data as train_data
@@ -64,7 +64,7 @@ def full_logits_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
 
 def setup(artifact_dir: str, examples_per_direction: int):
     config = load_config(CONFIG)
-    model, tokenizer = load_model(None, getattr(torch, config.model.dtype))
+    model, tokenizer = load_model(None, resolve_dtype(config.model.dtype))
     partition = load_artifact(artifact_dir).partition
     prepared = prepare(model, config.method, partition)
     pairs = train_data.training_pairs(None, config.data.languages, max_per_direction=examples_per_direction,

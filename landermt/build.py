@@ -23,7 +23,7 @@ from landermt.cli import user_errors
 from landermt.data import ParallelCorpus, sample, training_corpora
 from landermt.detect import SHARED_LAYER_RULE, layer_activations, layer_differences, shared_layers
 from landermt.families import family_of
-from landermt.models import load_model, weights_sha256
+from landermt.models import load_model, resolve_dtype, weights_sha256
 from landermt.partition import CAR_MODES, build_partition
 from landermt.prompts import DEFAULT_TEMPLATE, batches, text_example, translation_example
 from landermt.score import neuron_awareness
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--score-samples", type=int, default=200, help="sentences per language for scoring")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto: bfloat16 where the hardware has it natively, else float32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     with user_errors(parser):
         corpora = training_corpora(args.data)
-        model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+        model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
         manifest, partition = build(
             model, tokenizer, corpora, k=args.k, epsilon=args.epsilon, car=args.car,
             detect_samples=args.detect_samples, score_samples=args.score_samples, objective=args.objective,

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from landermt.families import Family
+from landermt.loss import causal_lm
 
 
 @torch.no_grad()
@@ -44,7 +45,9 @@ def layer_activations(
     try:
         for batch in tqdm(batches, total=total, desc=desc, unit="batch"):
             mask_holder[:] = [batch["attention_mask"].float()]
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            # the backbone only: activations are all it needs, and the LM head costs more than every layer
+            causal_lm(model).base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        use_cache=False)
             rows.append(torch.stack([current[i] for i in range(len(ffns))], dim=1))
     finally:
         for handle in handles:

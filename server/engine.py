@@ -27,12 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-import torch
-
 from landermt.artifact import Artifact, load_artifact
 from landermt.decode import Request, RunningBatch
 from landermt.generate import Generation, decoded, stop_token_ids
-from landermt.models import load_model
+from landermt.models import load_model, resolve_dtype
 from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, few_shot_prefix, render_prompt
 from server.languages import normalise
 from server.metrics import Metrics
@@ -112,7 +110,7 @@ class Engine:
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Engine:
         artifact = load_artifact(settings.artifact) if settings.artifact else None
-        model, tokenizer = load_model(settings.model, artifact.dtype if artifact else getattr(torch, settings.dtype))
+        model, tokenizer = load_model(settings.model, artifact.dtype if artifact else resolve_dtype(settings.dtype))
         if artifact is not None:
             artifact.apply(model)
         return cls(model, tokenizer, artifact, settings, metrics, settings.model or "gemma-3-270m (default)")

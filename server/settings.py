@@ -17,7 +17,7 @@ class Settings:
     backend: str = "torch"  # "torch" (server/engine.py) or "vllm" (server/vllm_engine.py, needs landermt[vllm])
     tensor_parallel_size: int = 1  # vllm backend: GPUs the model is split over
     gpu_memory_utilization: float = 0.9  # vllm backend: memory share for weights + KV cache (CPU: of RAM)
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # base-model mode (an artifact brings its own): auto, bfloat16 or float32
     max_batch_size: int = 16  # rows (texts) per forward
     max_wait_ms: float = 5.0  # how long a batch waits to fill once its first row is queued
     max_texts: int = 64  # texts per request

@@ -21,7 +21,6 @@ import itertools
 import json
 import time
 
-import torch
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -31,7 +30,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from landermt.artifact import Artifact, load_artifact
 from landermt.generate import Generation, decoded, stop_token_ids
-from landermt.models import resolve_model_path
+from landermt.models import resolve_dtype, resolve_model_path
 from landermt.vllm import PAIR_ID_KEY, cache_salt, check_rule, routed_overrides
 from server.engine import Engine, Row
 from server.metrics import Metrics
@@ -43,7 +42,7 @@ def engine_args(settings: Settings, artifact: Artifact | None, **options) -> Asy
     are further AsyncEngineArgs fields (tests: enforce_eager, max_num_batched_tokens, ...)."""
     path = resolve_model_path(settings.model)
     architecture = json.loads((path / "config.json").read_text())["architectures"][0]
-    dtype = artifact.dtype if artifact else getattr(torch, settings.dtype)
+    dtype = artifact.dtype if artifact else resolve_dtype(settings.dtype)
     return AsyncEngineArgs(
         model=str(path), dtype=str(dtype).removeprefix("torch."), seed=0,
         hf_overrides=routed_overrides(architecture, settings.artifact) if artifact else None,

@@ -57,7 +57,7 @@ class TinyModelConfig(Strict):
 class ModelConfig(Strict):
     path: str | None = None  # None: the default model (Gemma 3 270M); else a local HF directory
     tiny: TinyModelConfig | None = None
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: landermt.models.resolve_dtype
 
 
 class DataConfig(Strict):

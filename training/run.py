@@ -33,7 +33,7 @@ from landermt.build import build
 from landermt.cli import user_errors
 from landermt.data import data_root, training_corpora
 from landermt.families import family_of
-from landermt.models import load_model, weights_sha256
+from landermt.models import load_model, resolve_dtype, weights_sha256
 from landermt.prompts import DEFAULT_TEMPLATE, translation_example
 from training import data as train_data
 from training.config import FINETUNED, METHOD_SPECS, METHODS, NEURON_METHODS, ConfigError, RunConfig, load_config
@@ -85,7 +85,7 @@ def load_base(run: Run):
     """The base model: a tiny random one (built once, saved under OUTPUT/base_model) or a real one."""
     c = run.config
     if c.model.tiny is None:
-        return load_model(c.model.path, getattr(torch, c.model.dtype))
+        return load_model(c.model.path, resolve_dtype(c.model.dtype))
     folder = run.output / "base_model"
     key = fingerprint(c.model.tiny.model_dump(), c.data.languages)
     if not run.cached("base_model", key, "base_model/config.json"):
@@ -97,7 +97,7 @@ def load_base(run: Run):
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         run.done("base_model", key)
-    return load_model(str(folder), getattr(torch, c.model.dtype))
+    return load_model(str(folder), resolve_dtype(c.model.dtype))
 
 
 def stage_base_perplexity(run: Run, model, tokenizer, base_sha: str) -> dict[str, float]:
