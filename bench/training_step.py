@@ -2,7 +2,7 @@
 
     python bench/training_step.py [--artifact runs/quick-tuned-landermt/artifact] [--steps 12] [--eval 64]
 
-The default model in bf16 with the quick-tuned preset (LANDeRMT, layers 12–15 routed by the artifact's
+The default model in the preset's dtype with the quick-tuned preset (LANDeRMT, layers 12–15 routed by the artifact's
 partition, batch 8, its training data and seed). Each variant runs in a process of its own, so its
 peak RSS (VmHWM, reset once the model and data are loaded) is its own:
 
@@ -159,6 +159,17 @@ def child_eval(args) -> dict:
             "new_sentences_per_s": round(total / seconds["new"], 3), "identical_outputs": identical}
 
 
+def matmul_gflops(dtype: torch.dtype) -> float:
+    """One FFN up-projection's matmul (1,600 tokens × 640 → 2,048) in `dtype`: what the hardware gives per dtype
+    (landermt.models.resolve_dtype picks float32 where bf16 is emulated)."""
+    a, w = torch.randn(1600, 640, dtype=dtype), torch.randn(2048, 640, dtype=dtype)
+    F.linear(a, w)
+    started = time.perf_counter()
+    for _ in range(5):
+        F.linear(a, w)
+    return round(5 * 2 * 1600 * 640 * 2048 / (time.perf_counter() - started) / 1e9, 1)
+
+
 def run_child(part: str, args) -> dict:
     command = [sys.executable, __file__, "--child", part, "--artifact", args.artifact, "--steps", str(args.steps),
                "--eval", str(args.eval), "--examples-per-direction", str(args.examples_per_direction)]
@@ -186,7 +197,10 @@ def main() -> None:
     loss, evaluation = run_child("loss", args), run_child("eval", args)
     result = {
         "command": "python bench/training_step.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__},
+        "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+                    "dtype": str(resolve_dtype(load_config(CONFIG).model.dtype)).removeprefix("torch."),
+                    "matmul_gflops": {"float32": matmul_gflops(torch.float32),
+                                      "bfloat16": matmul_gflops(torch.bfloat16)}},
         "speedup": round(old["s_per_step"] / new["s_per_step"], 2),
         "max_loss_diff": loss["max_loss_diff"],
         "peak_rss_ratio": round(new["peak_rss_mib"] / old["peak_rss_mib"], 3),
@@ -199,11 +213,13 @@ def main() -> None:
 
 def write_markdown(r: dict) -> None:
     old, new, ev = r["old"], r["new"], r["eval"]
+    gflops = r["machine"]["matmul_gflops"]
     section = "\n".join([
         "## Training step", "",
         f"`{r['command']}` ({r['machine']['cpu_count']} CPU cores, {r['machine']['machine']}, torch "
-        f"{r['machine']['torch']}; Gemma 3 270M in bf16, the quick-tuned preset: LANDeRMT on layers 12–15, batch 8, "
-        f"{old['steps']} optimizer steps per variant after a warm-up step, each variant in its own process).", "",
+        f"{r['machine']['torch']}; Gemma 3 270M in {r['machine']['dtype']} (the preset's `dtype: auto`; one matmul "
+        f"here: {gflops['float32']} GFLOPS in float32, {gflops['bfloat16']} in bfloat16), the quick-tuned preset: LANDeRMT on layers 12–15, batch 8, {old['steps']} optimizer steps "
+        "per variant after a warm-up step, each variant in its own process).", "",
         "| | s/step (median) | peak RSS MiB | padding share | mean loss |", "|---|---:|---:|---:|---:|",
         f"| old: full logits, plain batches | {old['s_per_step']} | {old['peak_rss_mib']} | {old['padding_share']} "
         f"| {old['mean_loss']} |",
