@@ -218,7 +218,8 @@ def write_markdown(r: dict) -> None:
         "## Training step", "",
         f"`{r['command']}` ({r['machine']['cpu_count']} CPU cores, {r['machine']['machine']}, torch "
         f"{r['machine']['torch']}; Gemma 3 270M in {r['machine']['dtype']} (the preset's `dtype: auto`; one matmul "
-        f"here: {gflops['float32']} GFLOPS in float32, {gflops['bfloat16']} in bfloat16), the quick-tuned preset: LANDeRMT on layers 12–15, batch 8, {old['steps']} optimizer steps "
+        f"here: {gflops['float32']} GFLOPS in float32, {gflops['bfloat16']} in bfloat16), the quick-tuned preset: "
+        f"LANDeRMT on layers 12–15, batch 8, {old['steps']} optimizer steps "
         "per variant after a warm-up step, each variant in its own process).", "",
         "| | s/step (median) | peak RSS MiB | padding share | mean loss |", "|---|---:|---:|---:|---:|",
         f"| old: full logits, plain batches | {old['s_per_step']} | {old['peak_rss_mib']} | {old['padding_share']} "
