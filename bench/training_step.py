@@ -188,7 +188,7 @@ def main() -> None:
     if args.child:
         if args.child == "eval":
             result = child_eval(args)
-        elif args.child.startswith("loss"):  # bf16 too, the tolerance is for it (slow where it is emulated)
+        elif args.child.startswith("loss"):  # bf16 too: the tolerance is set for it (slow where emulated)
             result = child_loss(args, "bfloat16", 3) if args.child == "loss-bf16" else child_loss(args, None, args.steps)
         else:
             result = child_train(args.child, args)
