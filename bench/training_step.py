@@ -189,7 +189,8 @@ def main() -> None:
         if args.child == "eval":
             result = child_eval(args)
         elif args.child.startswith("loss"):  # bf16 too: the tolerance is set for it (slow where emulated)
-            result = child_loss(args, "bfloat16", 3) if args.child == "loss-bf16" else child_loss(args, None, args.steps)
+            bf16 = args.child == "loss-bf16"
+            result = child_loss(args, "bfloat16" if bf16 else None, 3 if bf16 else args.steps)
         else:
             result = child_train(args.child, args)
         print(json.dumps(result), flush=True)
