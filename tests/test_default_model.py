@@ -9,8 +9,9 @@ from landermt.build import build
 from landermt.data import training_corpora
 from landermt.families import family_of
 from landermt.models import default_model_dir, load_model
+from landermt.partition import delta_tables
 from landermt.prompts import render_prompt
-from landermt.routing import patch, route, unpatch
+from landermt.routing import patch, patch_delta, route, unpatch
 
 pytestmark = pytest.mark.default_model
 
@@ -63,5 +64,21 @@ def test_route_a_mixed_batch_on_the_default_model(gemma):
                 alone = model(**batch).logits
             assert torch.equal(mixed[row], alone[row])
             assert not torch.equal(mixed[row], base[row])
+    finally:
+        unpatch(model, family)
+
+    modules = patch_delta(model, family, delta_tables(partition))  # the delta rule on the real model
+    try:
+        with torch.no_grad(), route(ids):
+            assert torch.equal(model(**batch).logits, base)  # a zero update: every pair is the base exactly
+            generator = torch.Generator().manual_seed(0)
+            for module in modules:
+                for p in module.update.values():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 1e-3)
+            mixed = model(**batch).logits
+            assert torch.equal(mixed[3], base[3]) and not torch.equal(mixed[0], base[0])
+            for row, pair in enumerate(ids[:3].tolist()):
+                with route(torch.full_like(ids, pair)):
+                    assert torch.equal(model(**batch).logits[row], mixed[row])
     finally:
         unpatch(model, family)
