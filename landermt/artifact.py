@@ -208,10 +208,10 @@ def save_artifact(directory: str | Path, manifest: Manifest, partition: Partitio
         tensors[f"layers.{i}.phi"] = part.phi.float().contiguous()
         tensors[f"layers.{i}.specific"] = part.specific.long().contiguous()
     save_file(tensors, directory / PARTITIONS)
-    if ffn is not None:
-        save_file(ffn, directory / FFN)
-    if update is not None:
-        save_file(update, directory / UPDATE)
+    for name, weights in ((FFN, ffn), (UPDATE, update)):  # an artifact saved again keeps no stale weights
+        (directory / name).unlink(missing_ok=True)
+        if weights is not None:
+            save_file(weights, directory / name)
     (directory / MANIFEST).write_text(manifest.to_json() + "\n")  # last: marks the artifact complete
     return directory
 
