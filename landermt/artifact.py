@@ -203,6 +203,7 @@ def save_artifact(directory: str | Path, manifest: Manifest, partition: Partitio
         raise ValueError(f"routing {manifest.routing!r} stores {'update' if manifest.routing == 'delta' else 'ffn'}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)  # until it is written again, the directory is incomplete
     tensors = {}
     for i, part in partition.layers.items():
         tensors[f"layers.{i}.phi"] = part.phi.float().contiguous()
