@@ -45,7 +45,10 @@ def build(
     layers: list[int] | None = None,
 ) -> tuple[Manifest, object]:
     """The three method stages on `model`; returns (manifest, partition). `layers` overrides the
-    detected layer set (a setting chosen on dev); detection still runs and is recorded."""
+    detected layer set (a setting chosen on dev); detection still runs and is recorded, unless
+    `detect_samples` is 0 (then `layers` is required and no D is recorded)."""
+    if detect_samples == 0 and layers is None:
+        raise ValueError("detect_samples 0 skips layer detection: give the layers")
     family = family_of(model)
     pad = tokenizer.pad_token_id
     directions = directions_of(corpora)
@@ -55,14 +58,15 @@ def build(
     start = time.monotonic()
 
     differences = {}
-    for src, tgt, pairs in directions:
+    for src, tgt, pairs in directions if detect_samples else []:
         examples = [translation_example(tokenizer, template, src, tgt, s, t, max_length)
                     for s, t in sample(pairs, detect_samples, seed)]
         acts = layer_activations(model, family, batches(examples, batch_size, pad),
                                  total=-(-len(examples) // batch_size), desc=f"detect {src}-{tgt}")
         differences[f"{src}-{tgt}"] = layer_differences(acts)
-    detected = shared_layers(differences, k)
-    layer_rule = SHARED_LAYER_RULE if layers is None else f"configured (detected: {detected})"
+    detected = shared_layers(differences, k) if differences else None
+    layer_rule = SHARED_LAYER_RULE if layers is None else (
+        f"configured (detected: {detected})" if detected else "configured (not detected)")
     layers = detected if layers is None else sorted(layers)
     if not all(0 <= i < len(family.decoder_layers(model)) for i in layers):
         raise ValueError(f"layers {layers} out of range for a model with {len(family.decoder_layers(model))} layers")
@@ -94,7 +98,7 @@ def build(
             intermediate_size=family.intermediate_size(model),
         ),
         languages=list(languages),
-        directions=list(differences),
+        directions=[f"{src}-{tgt}" for src, tgt, _ in directions],
         layers=layers,
         k=k,
         epsilon=epsilon,

@@ -55,16 +55,17 @@ def plot(directory: str | Path, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    diffs = torch.tensor(list(m.differences.values()))
-    for name, values in m.differences.items():
-        ax.plot(range(len(values)), values, alpha=0.45, linewidth=1, label=name)
-    ax.plot(range(diffs.shape[1]), diffs.mean(0).numpy(), color="black", linewidth=2.5, label="mean")
-    for i in m.layers:
-        ax.axvline(i, color="red", linestyle=":", linewidth=1)
-    ax.set(xlabel="layer i", ylabel="D_i = |Ā_i − Ā_{i+1}|", title=f"Layer detection (eq. 2); selected {m.layers}")
-    ax.legend(fontsize=7, ncol=2)
-    written.append(_save(fig, out / "layer_differences.png"))
+    if m.differences:  # absent when the layers were configured and detection skipped
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        diffs = torch.tensor(list(m.differences.values()))
+        for name, values in m.differences.items():
+            ax.plot(range(len(values)), values, alpha=0.45, linewidth=1, label=name)
+        ax.plot(range(diffs.shape[1]), diffs.mean(0).numpy(), color="black", linewidth=2.5, label="mean")
+        for i in m.layers:
+            ax.axvline(i, color="red", linestyle=":", linewidth=1)
+        ax.set(xlabel="layer i", ylabel="D_i = |Ā_i − Ā_{i+1}|", title=f"Layer detection (eq. 2); selected {m.layers}")
+        ax.legend(fontsize=7, ncol=2)
+        written.append(_save(fig, out / "layer_differences.png"))
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(m.languages)

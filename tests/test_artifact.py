@@ -235,3 +235,16 @@ def test_artifacts_made_before_the_delta_rule_load_as_mask(built):
     del manifest["routing"]
     (directory / MANIFEST).write_text(json.dumps(manifest))
     assert load_artifact(directory).manifest.routing == "mask"
+
+
+def test_configured_layers_can_skip_detection(tmp_path, tokenizer):
+    model = tiny_model("gemma", len(tokenizer))
+    write_corpora(tmp_path / "data")
+    corpora = training_corpora(tmp_path / "data")
+    manifest, partition = build(model, tokenizer, corpora, epsilon=0.75, detect_samples=0, score_samples=4,
+                                layers=[2, 3], model_name="tiny")
+    assert manifest.layers == [2, 3] and sorted(partition.layers) == [2, 3] and manifest.differences == {}
+    assert len(manifest.directions) == 6 and manifest.layer_rule == "configured (not detected)"
+    load_artifact(save_artifact(tmp_path / "artifact", manifest, partition))  # a valid artifact
+    with pytest.raises(ValueError, match="detect_samples 0 skips layer detection"):
+        build(model, tokenizer, corpora, detect_samples=0)

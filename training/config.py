@@ -89,7 +89,7 @@ class MethodConfig(Strict):
     car: Literal["paper", "swapped", "off"] = "paper"  # rule mask only: the delta rule scales nothing
     routing: Literal["delta", "mask"] = "delta"  # landermt.routing: route the update (delta) or the neuron (mask)
     objective: Literal["lm", "translation"] = "lm"
-    detect_samples: int = Field(64, ge=1)
+    detect_samples: int = Field(64, ge=0)  # 0: no layer detection (then `layers` must be given)
     score_samples: int = Field(200, ge=1)
     few_shot: int = Field(5, ge=1)  # examples from FLORES dev, method few_shot
     lora_rank: int = Field(8, ge=1)
