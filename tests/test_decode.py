@@ -111,3 +111,16 @@ def test_evaluation_on_the_continuous_decoder_equals_greedy_sentence_by_sentence
                    min(MAX_NEW, 2 * len(tokenizer(s, add_special_tokens=False).input_ids) + 16))[0].text
             for s in sources]
     assert got == want
+
+
+def test_evaluation_streams_every_direction_through_one_decoder(tokenizer):
+    """Sentences of several directions (pair ids) share the running batch; each still gets its solo output."""
+    from training.evaluate import Sentence, translate_all
+
+    model = routed(tiny_model("llama", len(tokenizer)))
+    sentences = [Sentence("en", "de", en, 1) for en, _ in PARALLEL["de"][:4]]
+    sentences += [Sentence("fr", "en", fr, 2) for _, fr in PARALLEL["fr"][:4]]
+    got = translate_all(model, tokenizer, DEFAULT_TEMPLATE, sentences, batch_size=3, max_new_tokens=MAX_NEW)
+    want = [greedy(model, tokenizer, [render_prompt(DEFAULT_TEMPLATE, s.source_lang, s.target_lang, s.text)],
+                   [s.pair_id], MAX_NEW)[0].text for s in sentences]
+    assert got == want

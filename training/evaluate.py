@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,22 +38,35 @@ from training import langid
 from training.data import TESTSETS, evaluation_set
 
 
-def translate(model, tokenizer, template: str, source_lang: str, target_lang: str, sources: list[str],
-              pair_id: int | None = None, batch_size: int = 16, max_new_tokens: int = 256,
-              shots: list[tuple[str, str]] = (), desc: str | None = None) -> list[str]:
-    """Greedy on the continuous-batching decoder (landermt.decode, the server's code path): up to `batch_size`
-    rows at once, a finished row's place taken by the next sentence at the next step; each row at most
-    2 × its source tokens + 16 new tokens (the server's cap). Longest prompts go first, so rows of similar
-    length share the batch. Each output equals that sentence translated alone."""
-    prefix = few_shot_prefix(template, source_lang, target_lang, list(shots))
-    requests = [Request(i, tokenizer(prefix + render_prompt(template, source_lang, target_lang, s)).input_ids,
-                        pair_id, min(max_new_tokens, 2 * len(tokenizer(s, add_special_tokens=False).input_ids) + 16))
-                for i, s in enumerate(sources)]
+@dataclass(frozen=True)
+class Sentence:
+    """One sentence to translate: its direction, text, routing id (None: no routing) and few-shot examples."""
+
+    source_lang: str
+    target_lang: str
+    text: str
+    pair_id: int | None = None
+    shots: tuple[tuple[str, str], ...] = ()
+
+
+def translate_all(model, tokenizer, template: str, sentences: list[Sentence], batch_size: int = 16,
+                  max_new_tokens: int = 256, desc: str = "translate") -> list[str]:
+    """Greedy on the continuous-batching decoder (landermt.decode, the server's code path), every direction in
+    one stream: up to `batch_size` rows at once, of any pairs, a finished row's place taken by the next sentence
+    at the next step; each row at most 2 × its source tokens + 16 new tokens (the server's cap). Longest
+    prompts go first, so rows of similar length share the batch. Each output equals that sentence alone."""
+    requests = [Request(i, tokenizer(few_shot_prefix(template, s.source_lang, s.target_lang, list(s.shots))
+                                     + render_prompt(template, s.source_lang, s.target_lang, s.text)).input_ids,
+                        s.pair_id, min(max_new_tokens, 2 * len(tokenizer(s.text, add_special_tokens=False).input_ids)
+                                       + 16))
+                for i, s in enumerate(sentences)]
+    routed = {s.pair_id is not None for s in sentences}
+    if len(routed) > 1:
+        raise ValueError("sentences must all be routed or all unrouted")
     waiting = sorted(requests, key=lambda r: -r.prompt_tokens)
-    batch = RunningBatch(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), routed=pair_id is not None)
-    outputs: list[str] = [""] * len(sources)
-    with tqdm(total=len(sources), desc=desc or f"translate {source_lang}-{target_lang}", unit="sentence",
-              leave=False) as bar:
+    batch = RunningBatch(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), routed=routed == {True})
+    outputs: list[str] = [""] * len(sentences)
+    with tqdm(total=len(sentences), desc=desc, unit="sentence", leave=False) as bar:
         while waiting or len(batch):
             admitted = []
             while waiting and len(batch) + len(admitted) < batch_size and batch.can_admit(waiting[0].prompt_tokens):
@@ -63,6 +77,15 @@ def translate(model, tokenizer, template: str, source_lang: str, target_lang: st
                 outputs[request.key] = decoded(tokenizer, request.prompt_tokens, request.new).text
             bar.update(len(done))
     return outputs
+
+
+def translate(model, tokenizer, template: str, source_lang: str, target_lang: str, sources: list[str],
+              pair_id: int | None = None, batch_size: int = 16, max_new_tokens: int = 256,
+              shots: list[tuple[str, str]] = (), desc: str | None = None) -> list[str]:
+    """`translate_all` for one direction."""
+    sentences = [Sentence(source_lang, target_lang, text, pair_id, tuple(shots)) for text in sources]
+    return translate_all(model, tokenizer, template, sentences, batch_size, max_new_tokens,
+                         desc or f"translate {source_lang}-{target_lang}")
 
 
 def bleu_metric(target_lang: str) -> sacrebleu.metrics.BLEU:
@@ -126,14 +149,18 @@ def evaluate_directions(model, tokenizer, template: str, directions: list[str], 
                         max_new_tokens: int = 256, shots=None) -> dict[str, dict]:
     """{direction: scores}; `pair_id(src, tgt)` gives the routing id (None: base path);
     `shots(src, tgt)` gives few-shot examples."""
+    lines = {d: evaluation_set(data_root, testset_name, *d.split("-"))[:limit] for d in directions}
+    sentences = [Sentence(*d.split("-"), source, pair_id(*d.split("-")), tuple(shots(*d.split("-")) if shots else ()))
+                 for d in directions for source, _ in lines[d]]
+    hyps = iter(translate_all(model, tokenizer, template, sentences, batch_size, max_new_tokens,
+                              f"translate {testset_name}"))  # all directions in one stream: no per-direction tail
     results = {}
     for direction in directions:
-        src, tgt = direction.split("-")
-        lines = evaluation_set(data_root, testset_name, src, tgt)[:limit]
-        hyps = translate(model, tokenizer, template, src, tgt, [s for s, _ in lines], pair_id(src, tgt),
-                         batch_size, max_new_tokens, shots(src, tgt) if shots else ())
-        results[direction] = score(hyps, [r for _, r in lines], tgt) | {"outputs": hyps, "examples": [
-            {"source": s, "reference": r, "output": h} for (s, r), h in list(zip(lines, hyps, strict=True))[:3]]}
+        pairs = lines[direction]
+        outputs = [next(hyps) for _ in pairs]
+        results[direction] = score(outputs, [r for _, r in pairs], direction.split("-")[1]) | {
+            "outputs": outputs, "examples": [{"source": s, "reference": r, "output": h}
+                                             for (s, r), h in list(zip(pairs, outputs, strict=True))[:3]]}
     return results
 
 
