@@ -16,7 +16,8 @@ s/step is the mean (bucketed batches differ in length by design), the median bes
 `max_loss_diff` is the largest |old − new| loss over the same batches at the same weights.
 Evaluation: FLORES devtest sentences over 4 directions with the artifact routed, translated
 by the old fixed batches (landermt.generate.greedy, 16 rows, each batch until its longest row ends)
-and by the continuous-batching decoder (training.evaluate.translate); sentences/s and how many outputs
+and by the continuous-batching decoder with every direction in one stream (training.evaluate.translate_all,
+as evaluation runs); sentences/s and how many outputs
 are identical (rows that end by their stop token; a fixed batch capped its rows by its longest source).
 
 Writes bench/results/training_step.json (keys `speedup`, `max_loss_diff`, `peak_rss_ratio`,
@@ -47,7 +48,7 @@ from landermt.prompts import DEFAULT_TEMPLATE, IGNORE, collate, render_prompt
 from landermt.routing import route
 from training import data as train_data
 from training.config import load_config
-from training.evaluate import translate
+from training.evaluate import Sentence, translate_all
 from training.finetune import padding_share, peak_rss_mib, reset_peak_rss, rows_of_batch
 from training.methods import prepare
 from training.optim import NeuronAdamW
@@ -143,23 +144,21 @@ def child_eval(args) -> dict:
     artifact = load_artifact(args.artifact)
     model, tokenizer = load_model(None, artifact.dtype)
     artifact.apply(model)
-    seconds = {"old": 0.0, "new": 0.0}
-    identical = total = 0
-    for direction in EVAL_DIRECTIONS:
-        source, target = direction.split("-")
-        sentences = [s for s, _ in train_data.flores(None, "devtest", source, target)[: args.eval // 4]]
-        pair_id = artifact.partition.pair_id(source, target)
-        started = time.perf_counter()
-        old = fixed_batches(model, tokenizer, source, target, sentences, pair_id)
-        seconds["old"] += time.perf_counter() - started
-        started = time.perf_counter()
-        new = translate(model, tokenizer, DEFAULT_TEMPLATE, source, target, sentences, pair_id, 16, 128)
-        seconds["new"] += time.perf_counter() - started
-        identical += sum(a == b for a, b in zip(old, new, strict=True))
-        total += len(sentences)
-        print(f"eval {direction}: old {seconds['old']:.0f} s, new {seconds['new']:.0f} s", file=sys.stderr, flush=True)
-    return {"sentences": total, "old_sentences_per_s": round(total / seconds["old"], 3),
-            "new_sentences_per_s": round(total / seconds["new"], 3), "identical_outputs": identical}
+    per_direction = {d: [s for s, _ in train_data.flores(None, "devtest", *d.split("-"))[: args.eval // 4]]
+                     for d in EVAL_DIRECTIONS}
+    started = time.perf_counter()
+    pair_id = {d: artifact.partition.pair_id(*d.split("-")) for d in EVAL_DIRECTIONS}
+    old = [out for d, texts in per_direction.items()
+           for out in fixed_batches(model, tokenizer, *d.split("-"), texts, pair_id[d])]
+    old_seconds = time.perf_counter() - started
+    print(f"eval old: {old_seconds:.0f} s", file=sys.stderr, flush=True)
+    sentences = [Sentence(*d.split("-"), text, pair_id[d]) for d, texts in per_direction.items() for text in texts]
+    started = time.perf_counter()
+    new = translate_all(model, tokenizer, DEFAULT_TEMPLATE, sentences, 16, 128)
+    new_seconds = time.perf_counter() - started
+    return {"sentences": len(new), "old_sentences_per_s": round(len(old) / old_seconds, 3),
+            "new_sentences_per_s": round(len(new) / new_seconds, 3),
+            "identical_outputs": sum(a == b for a, b in zip(old, new, strict=True))}
 
 
 def matmul_gflops(dtype: torch.dtype) -> float:
