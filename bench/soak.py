@@ -139,7 +139,7 @@ def main() -> None:
     for mode in modes:
         runs.append(run_mode(mode, args.artifact, args.concurrency, args.duration, args.sentences))
         print(json.dumps(runs[-1]), flush=True)
-    result = {"command": "python bench/soak.py " + " ".join(sys.argv[1:]),
+    result = {"command": "python bench/soak.py " + " ".join(sys.argv[1:]), "duration_s": args.duration,
               "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine()},
               "errors": sum(r["errors"] for r in runs), "runs": runs}
     (ROOT / "bench" / "results" / "soak.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -157,7 +157,8 @@ def write_markdown(r: dict) -> None:
         "## Soak", "",
         f"`{r['command']}` ({r['machine']['cpu_count']} CPU cores, {r['machine']['machine']}; the default model, "
         f"`python -m server` as its own process, {r['runs'][0]['concurrency']} concurrent clients, "
-        f"{int(r['runs'][0]['seconds'])} s per mode, FLORES devtest sentences over 10 directions). "
+        f"{int(r.get('duration_s', 300))} s of load per mode, then the requests in flight finish; FLORES devtest "
+        "sentences over 10 directions). "
         "`errors` counts every answer that is not 200, connection errors, time-outs and error lines in the "
         "server's log; target 0.", "",
         *rows, "",
