@@ -164,7 +164,9 @@ def test_evaluate_cli_on_a_smoke_artifact(tmp_path, capsys):
 
 
 def test_evaluate_unrouted_serves_the_trained_weights_without_a_mask(tmp_path):
-    run_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output", str(tmp_path / "run")])
+    """--unrouted is for the mask rule (a delta artifact unrouted is the base model itself)."""
+    run_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output", str(tmp_path / "run"),
+              "--set", "method.routing=mask"])
     artifact_dir, base_dir = tmp_path / "run" / "artifact", tmp_path / "run" / "base_model"
     out = tmp_path / "unrouted.json"
     evaluate_main(["--artifact", str(artifact_dir), "--model", str(base_dir), "--directions", "en-de",

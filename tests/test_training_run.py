@@ -45,7 +45,7 @@ def test_smoke_pipeline_writes_everything_and_caches_stages(tmp_path):
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
     for name in ("config.yaml", "train_log.jsonl", "eval.json", "eval.md", "trained.safetensors",
-                 "artifact/manifest.json", "artifact/partitions.safetensors", "artifact/ffn.safetensors"):
+                 "artifact/manifest.json", "artifact/partitions.safetensors", "artifact/update.safetensors"):
         assert (out / name).exists(), name
     results = json.loads((out / "eval.json").read_text())
     assert set(results["testsets"]["flores"]) == {f"{a}-{b}" for x in ("de", "fr", "it", "ar", "zh")
@@ -56,10 +56,9 @@ def test_smoke_pipeline_writes_everything_and_caches_stages(tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
 
-    artifact = load_artifact(out / "artifact")
-    base = load_file(next((out / "base_model").glob("*.safetensors")))
-    changed = {key.split(".")[1] for key, value in artifact.ffn.items()
-               if not torch.equal(value, base[f"model.layers.{key.split('.', 2)[1]}.mlp.{key.split('.', 2)[2]}"])}
+    artifact = load_artifact(out / "artifact")  # the delta rule (the default): only the update is stored
+    assert artifact.manifest.routing == "delta" and artifact.ffn is None
+    changed = {key.split(".")[1] for key, value in artifact.update.items() if value.any()}
     assert changed == {str(i) for i in artifact.manifest.layers}  # trained, and only the selected layers
 
     again = run_cli(SMOKE, out)
@@ -105,13 +104,14 @@ def test_every_method_runs_through_the_same_pipeline(tmp_path, method):
     assert results["method"] == method and len(results["testsets"]["flores"]) == 10
     trained = (tmp_path / method / "trained.safetensors").exists()
     assert trained == (method not in ("zero_shot", "few_shot"))
-    assert (tmp_path / method / "artifact" / "ffn.safetensors").exists() == (method in ("ls", "lg"))
+    assert (tmp_path / method / "artifact" / "update.safetensors").exists() == (method in ("ls", "lg"))
 
 
 def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     """The transfer-matrix setting: only en-de rows train, so under routing only general, en- and
     de-specific neurons move, and every direction is still evaluated."""
-    config = smoke_config(tmp_path, data__train_directions=["en-de"], train__steps=4, eval__limit=2)
+    config = smoke_config(tmp_path, data__train_directions=["en-de"], train__steps=4, eval__limit=2,
+                          method__routing="mask")  # trained weights in place: compared with the base below
     out = tmp_path / "en-de"
     run_main(["--config", str(config), "--output", str(out)])
     assert len(json.loads((out / "eval.json").read_text())["testsets"]["flores"]) == 10
@@ -169,7 +169,7 @@ def test_presets_are_valid():
 def test_two_gloo_processes_train_the_smoke_preset(tmp_path):
     """torchrun with 2 CPU processes (gloo): the same pipeline, DDP-averaged gradients."""
     out = tmp_path / "ddp"
-    config = smoke_config(tmp_path, train__steps=6)
+    config = smoke_config(tmp_path, train__steps=6, method__routing="mask")  # weights in place, compared below
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29533", "-m", "training.run", "--config", str(config),
