@@ -20,7 +20,6 @@ import collections
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,18 +29,13 @@ from pathlib import Path
 
 import httpx
 from report import update_section  # bench/report.py, beside this script
-from serving import workload  # bench/serving.py: FLORES devtest sentences cycling through directions
+from serving import _free_port as free_port  # bench/serving.py, beside this script
+from serving import workload  # FLORES devtest sentences cycling through directions
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 DIRECTIONS = ["en-de", "de-en", "en-fr", "fr-en", "en-it", "it-en", "en-ar", "ar-en", "en-zh", "zh-en"]
 MAX_REQUESTS = 100_000  # a bound on the loop besides the deadline
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(artifact: str | None, port: int, log: Path, jobs_db: Path) -> subprocess.Popen:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from landermt.models import native_cpu_bf16
 from landermt.prompts import IGNORE
 
 CHUNK_TOKENS = 256  # target positions per head chunk: 256 × 262,144 float32 logits = 256 MiB
@@ -54,8 +55,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # The gradient matmuls reduce over the vocabulary (262,144 for Gemma). In emulated bf16 (CPUs without
         # AVX-512 BF16 / AMX) that GEMM ran 70x slower than in float32 (103 s against 1.4 s for 60 rows): there,
         # they run in float32.
-        emulated = weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and \
-            not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        emulated = weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not native_cpu_bf16()
         grad_dtype = torch.float32 if emulated else weight.dtype
         head = weight.to(grad_dtype)
         for start in range(0, len(targets), chunk_tokens):

@@ -95,8 +95,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     float32 measured on a 2-core AVX2 EPYC, docs/BENCHMARKS.md)."""
     if name != "auto":
         return getattr(torch, name)
-    native = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() or native_cpu_bf16() else torch.float32
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 matmuls are emulated."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def load_model(model: str | None = None, dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, object]:

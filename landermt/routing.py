@@ -58,6 +58,30 @@ def route(pair_ids: torch.Tensor | None) -> Iterator[None]:
         _PAIR_IDS.reset(token)
 
 
+def _take_over(routed: nn.Module, ffn: nn.Module, family: Family) -> None:
+    """`routed` holds `ffn`'s submodules under their names (state-dict keys unchanged) and the attributes its
+    family's `finish` reads; `ffn` itself stays out of the module tree, as `base` (for `unpatch`)."""
+    for name, child in ffn.named_children():
+        routed.add_module(name, child)
+    for name in family.copied_attributes:
+        setattr(routed, name, getattr(ffn, name))
+    routed.__dict__["base"] = ffn
+    routed.family = family
+
+
+def _replace_ffns(model: nn.Module, family: Family, tables: dict, build) -> list[nn.Module]:
+    """Replace the FFN of each layer in `tables` by `build(ffn, table)`; a layer is patched once."""
+    layers = family.decoder_layers(model)
+    routed = []
+    for index, table in sorted(tables.items()):
+        ffn = layers[index].mlp
+        if isinstance(ffn, (RoutedFFN, DeltaFFN)):
+            raise ValueError(f"layer {index} is already patched")
+        layers[index].mlp = build(ffn, table)
+        routed.append(layers[index].mlp)
+    return routed
+
+
 def _scale_before_bias(pre: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if bias is None:
         return pre * scale
@@ -70,12 +94,7 @@ class RoutedFFN(nn.Module):
 
     def __init__(self, ffn: nn.Module, family: Family, scales: torch.Tensor):
         super().__init__()
-        for name, child in ffn.named_children():
-            self.add_module(name, child)
-        for name in family.copied_attributes:
-            setattr(self, name, getattr(ffn, name))
-        self.__dict__["base"] = ffn  # kept out of the module tree: only for `unpatch`
-        self.family = family
+        _take_over(self, ffn, family)
         if scales.dim() != 2 or not torch.all(scales[0] == 1):
             raise ValueError("scale table must be [pairs + 1, intermediate] with row 0 all ones")
         self.register_buffer("scales", scales, persistent=False)
@@ -125,12 +144,7 @@ class DeltaFFN(nn.Module):
     def __init__(self, ffn: nn.Module, family: Family, general: torch.Tensor, specific: torch.Tensor,
                  uses: torch.Tensor):
         super().__init__()
-        for name, child in ffn.named_children():
-            self.add_module(name, child)
-        for name in family.copied_attributes:
-            setattr(self, name, getattr(ffn, name))
-        self.__dict__["base"] = ffn  # the unpatched MLP (same child modules): rows with id 0, and `unpatch`
-        self.family = family
+        _take_over(self, ffn, family)  # `base`, the unpatched MLP, also serves the rows with id 0
         if uses.dim() != 2 or uses.shape[1] != len(specific) or torch.any(uses[0] != 0):
             raise ValueError("uses must be [pairs + 1, specific neurons] with row 0 all zeros")
         weight = getattr(self, family.up).weight
@@ -159,7 +173,7 @@ class DeltaFFN(nn.Module):
         they are computed once per change of any parameter (in-place updates bump a tensor's version)."""
         if torch.is_grad_enabled():
             return self._compute_weights()
-        version = tuple(p._version for p in (*self.update.values(), *self.parameters()))
+        version = tuple(p._version for p in self.parameters())  # base weights and update
         if self._cache is None or self._cache[0] != version:
             self._cache = (version, self._compute_weights())
         return self._cache[1]
@@ -229,30 +243,17 @@ def patch_delta(model: nn.Module, family: Family,
                 tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[DeltaFFN]:
     """Replace the FFN of each layer in `tables` (layer -> landermt.partition.delta_tables' entry) by a DeltaFFN
     with a zero update."""
-    layers = family.decoder_layers(model)
-    routed = []
-    for index, (general, specific, uses) in sorted(tables.items()):
-        ffn = layers[index].mlp
-        if isinstance(ffn, (RoutedFFN, DeltaFFN)):
-            raise ValueError(f"layer {index} is already patched")
-        layers[index].mlp = DeltaFFN(ffn, family, general, specific, uses)
-        routed.append(layers[index].mlp)
-    return routed
+    return _replace_ffns(model, family, tables, lambda ffn, table: DeltaFFN(ffn, family, *table))
 
 
 def patch(model: nn.Module, family: Family, tables: dict[int, torch.Tensor]) -> list[RoutedFFN]:
     """Replace the FFN of each layer in `tables` (layer index -> [pairs + 1, p] scale table)."""
-    layers = family.decoder_layers(model)
     dtype = next(model.parameters()).dtype
-    routed = []
-    for index, table in sorted(tables.items()):
-        ffn = layers[index].mlp
-        if isinstance(ffn, (RoutedFFN, DeltaFFN)):
-            raise ValueError(f"layer {index} is already patched")
-        device = getattr(ffn, family.up).weight.device
-        layers[index].mlp = RoutedFFN(ffn, family, table.to(device=device, dtype=dtype))
-        routed.append(layers[index].mlp)
-    return routed
+
+    def build(ffn: nn.Module, table: torch.Tensor) -> RoutedFFN:
+        return RoutedFFN(ffn, family, table.to(device=getattr(ffn, family.up).weight.device, dtype=dtype))
+
+    return _replace_ffns(model, family, tables, build)
 
 
 def unpatch(model: nn.Module, family: Family) -> None:
