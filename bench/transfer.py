@@ -51,15 +51,17 @@ def train(config: dict, output: Path) -> dict:
 
 
 def share_partition(source: Path, target: Path) -> None:
-    """Seed `target` with the partition and base perplexity `source` computed; training.run reuses
-    them only if their recorded inputs match its own (else it recomputes)."""
-    if not all((source / name).exists() for name in SHARED) or (target / STAGES).exists():
+    """Seed `target` with the partition (and base perplexity, if measured) `source` computed; training.run
+    reuses them only if their recorded inputs match its own (else it recomputes)."""
+    if not all((source / name).exists() for name in SHARED[:2]) or (target / STAGES).exists():
         return
-    for name in SHARED:
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source / name, target / name)
     stages = json.loads((source / STAGES).read_text())
-    (target / STAGES).write_text(json.dumps({k: stages[k] for k in ("partition", "base_perplexity")}, indent=2))
+    for name in SHARED:
+        if (source / name).exists():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / name, target / name)
+    (target / STAGES).write_text(json.dumps({k: stages[k] for k in ("partition", "base_perplexity") if k in stages},
+                                            indent=2))
 
 
 def main() -> None:
