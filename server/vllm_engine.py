@@ -31,7 +31,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from landermt.artifact import Artifact, load_artifact
 from landermt.generate import Generation, decoded, stop_token_ids
 from landermt.models import resolve_dtype, resolve_model_path
-from landermt.vllm import PAIR_ID_KEY, cache_salt, check_rule, routed_overrides
+from landermt.vllm import PAIR_ID_KEY, cache_salt, routed_overrides
 from server.engine import Engine, Row
 from server.metrics import Metrics
 from server.settings import Settings
@@ -80,8 +80,6 @@ class VllmEngine(Engine):
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics, **options) -> VllmEngine:
         artifact = load_artifact(settings.artifact) if settings.artifact else None
-        if artifact is not None:
-            check_rule(artifact.manifest.routing, settings.artifact)
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.model), local_files_only=True)
         llm = AsyncLLM.from_engine_args(engine_args(settings, artifact, **options))
         return cls(llm, tokenizer, artifact, settings, metrics, settings.model or "gemma-3-270m (default)")

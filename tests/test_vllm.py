@@ -12,6 +12,7 @@ Skipped only when vLLM is not installed and LANDERMT_REQUIRE_VLLM is unset; CI s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -20,6 +21,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -40,6 +42,7 @@ from landermt.models import load_model
 from landermt.prompts import render_prompt
 from landermt.routing import route
 from landermt.vllm import PAIR_ID_KEY, cache_salt
+from landermt.vllm.runner import request_pair_id
 from server.app import create_app
 from server.jobs import JobStore
 from server.metrics import Metrics
@@ -58,8 +61,9 @@ ROWS = [("en", "de", PARALLEL["de"][0][0]), ("de", "en", PARALLEL["de"][1][1]), 
         ("zh", "en", PARALLEL["zh"][3][1]), ("en", "fr", PARALLEL["fr"][4][0]), ("de", "fr", PARALLEL["de"][5][1])]
 
 
-def build_tiny(root: Path, model) -> Path:
-    """root/base_model (the model + tokenizer) and root/artifact (layers 1 and 2, trained-looking FFN weights)."""
+def build_tiny(root: Path, model, routing: str = "mask") -> Path:
+    """root/base_model (the model + tokenizer) and root/artifact (layers 1 and 2, trained-looking weights: rule
+    mask, moved FFN weights; rule delta, a random update)."""
     tokenizer = train_tokenizer()
     model.save_pretrained(root / "base_model")
     tokenizer.save_pretrained(root / "base_model")
@@ -68,6 +72,12 @@ def build_tiny(root: Path, model) -> Path:
                                 detect_samples=4, score_samples=6, batch_size=4, layers=[1, 2], model_name="tiny")
     family = family_of(model)
     torch.manual_seed(1)
+    if routing == "delta":  # what training would write: an update of every selected layer's FFN weights
+        update = {f"layers.{layer}.{name}.weight": 0.05 * torch.randn_like(param)
+                  for layer in manifest.layers for name, param in [
+                      (n.removesuffix(".weight"), p) for n, p in family.ffns(model)[layer].named_parameters()]}
+        save_artifact(root / "artifact", dataclasses.replace(manifest, routing="delta"), partition, update=update)
+        return root
     with torch.no_grad():  # what training would do: move the selected layers' FFN weights
         for layer in manifest.layers:
             for param in family.ffns(model)[layer].parameters():
@@ -283,3 +293,56 @@ def test_llama_mixed_pairs_match_torch(tmp_path, loop):
     finally:
         engine.llm.shutdown()
     check_parity(engine, reference, prompts, ids, got)
+
+
+@pytest.fixture(scope="module")
+def built_delta(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("gemma-delta"), tiny_gemma(TinyModelConfig(), len(train_tokenizer())),
+                      routing="delta")
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager-chunked-prefill", "compiled"])
+def test_delta_rule_mixed_pairs_match_torch(built_delta, loop, tmp_path, monkeypatch, eager):
+    """Rule delta (the general update merged into the weights, the specific neurons' update per token) gives the
+    torch backend's tokens for six pairs in one batch, eager with chunked prefill and compiled."""
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    reference = torch_backend(built_delta)
+    model, tokenizer, artifact = reference
+    assert artifact.manifest.routing == "delta"
+    prompts, ids = prompts_and_ids(artifact, ROWS)
+    options = dict(enforce_eager=True, max_num_batched_tokens=32) if eager else {}
+    engine = VllmEngine.load(settings_for(built_delta), Metrics(), **options, **ENGINE)
+    try:
+        got = run(loop, batch(engine, prompts, ids), timeout=300)
+    finally:
+        engine.llm.shutdown()
+    check_parity(engine, reference, prompts, ids, got)
+    assert got != torch_tokens(model, tokenizer, prompts, [0] * len(ids))  # the update changes the output
+
+
+def test_delta_rule_llama_matches_torch(tmp_path, loop):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(train_tokenizer()), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    built = build_tiny(tmp_path, LlamaForCausalLM(config).eval(), routing="delta")
+    reference = torch_backend(built)
+    prompts, ids = prompts_and_ids(reference[2], ROWS)
+    engine = VllmEngine.load(settings_for(built), Metrics(), enforce_eager=True, **ENGINE)
+    try:
+        got = run(loop, batch(engine, prompts, ids))
+    finally:
+        engine.llm.shutdown()
+    check_parity(engine, reference, prompts, ids, got)
+
+
+def test_pair_id_range_per_rule():
+    """Rule mask serves id 0 (the base model); a delta artifact's vLLM model serves its pairs only."""
+    params = [SimpleNamespace(extra_args={PAIR_ID_KEY: i}) for i in (0, 3)] + [SimpleNamespace(extra_args=None)]
+    assert [request_pair_id(p, 4) for p in params] == [0, 3, 0]
+    assert request_pair_id(params[1], 4, first_row=1) == 3
+    for p in (params[0], params[2]):
+        with pytest.raises(ValueError, match="does not serve 0"):
+            request_pair_id(p, 4, first_row=1)
+    with pytest.raises(ValueError, match="0…3"):
+        request_pair_id(SimpleNamespace(extra_args={PAIR_ID_KEY: 4}), 4)

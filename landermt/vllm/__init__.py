@@ -1,4 +1,5 @@
-"""LANDeRMT inside vLLM: the routed CAR FFN (paper eqs. 8–9) as out-of-tree vLLM models.
+"""LANDeRMT inside vLLM: an artifact's routing rule (`mask`, the paper's routed CAR FFN, eqs. 8–9, or `delta`,
+the routed update) as out-of-tree vLLM models.
 
 `register` is the `vllm.general_plugins` entry point (installed with `pip install landermt[vllm]`);
 vLLM calls it in every process it starts. It registers one routed model class per supported family
@@ -46,11 +47,3 @@ def cache_salt(pair_id: int | None) -> str:
     """The prefix-cache salt of a pair: KV blocks are only shared between requests of one pair."""
     return f"landermt-pair-{pair_id or 0}"
 
-
-def check_rule(routing: str, source: str) -> None:
-    """The plugin routes by the mask rule only (the delta rule's vLLM layer is not written yet): refuse the rest."""
-    if routing != "mask":
-        from landermt.artifact import ArtifactError  # torch-heavy: only when refusing
-
-        raise ArtifactError(f"{source}: routing rule {routing!r} is not supported by the vLLM backend yet; "
-                         "serve it with the torch backend (--backend torch)")

@@ -1,16 +1,27 @@
-"""vLLM models with the routed CAR FFN (paper §3.3, eqs. 8–9) in the artifact's selected layers.
+"""vLLM models routed by an artifact in its selected layers, under either rule of landermt.routing.
 
-`RoutedMLP` replaces a selected layer's MLP. Its scale table has one row per pair plus row 0 (all
-ones: the base model); row r holds, per neuron, c for language-general neurons, 1 − c for the
-pair's language-specific ones and 0 for every other neuron (landermt.partition.pair_scales). Since
-W(s·x) = s·(Wx) per output unit, eqs. 8–9, H = FFN_G(c·x) + FFN_S((1−c)·x), become one shared
-gate/up matmul followed by a per-token scale of its outputs, gathered by pair id:
+Rule `mask` (the paper's routed CAR FFN, §3.3, eqs. 8–9): `RoutedMLP` replaces a selected layer's MLP.
+Its scale table has one row per pair plus row 0 (all ones: the base model); row r holds, per neuron, c for
+language-general neurons, 1 − c for the pair's language-specific ones and 0 for every other neuron
+(landermt.partition.pair_scales). Since W(s·x) = s·(Wx) per output unit, eqs. 8–9,
+H = FFN_G(c·x) + FFN_S((1−c)·x), become one shared gate/up matmul followed by a per-token scale of its outputs, gathered by pair id:
 
     gate_up = gate_up * table.index_select(0, pair_ids)      # before the activation
 
 exactly as landermt.routing.RoutedFFN does for Hugging Face models (the vLLM MLPs are bias-free).
 With tensor parallelism each rank's merged gate_up output is [gate shard | up shard], so each rank
 keeps its shard's columns of the table, once for the gate half and once for the up half.
+
+Rule `delta` (route the update): `DeltaMLP`, the computation of landermt.routing.DeltaFFN. The general
+neurons' update is merged into the loaded base weights once (W + Δ·[G], shared by every pair); per token the
+specific neurons' update is added, weighted by the pair's row of `uses` (1: its own languages' neurons):
+
+    gate_up = (W + Δ·[G]) x;  gate_up[S] += uses[pair] ⊙ (Δ_S x)
+    y       = (W_d + Δ_d·[G]) h + Δ_d,S (uses[pair] ⊙ h_S)
+
+Each tensor-parallel rank keeps the specific neurons of its shard; the down correction is summed across
+ranks like the down projection. Pair id 0 (the unpatched base) would need the unmerged weights, a second full
+pass: a delta artifact's vLLM model serves its pairs only (ids 1 … pairs), and refuses 0.
 
 The routed classes subclass vLLM's Gemma 3 and Llama models. Their inner model is re-decorated
 with `support_torch_compile` declaring `pair_ids` dynamic, and its forward hands `pair_ids` (one
@@ -24,10 +35,16 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM, Gemma3Model
@@ -36,27 +53,32 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from landermt.artifact import Artifact, ArtifactError, load_artifact
-from landermt.vllm import ARTIFACT_KEY, check_rule
+from landermt.partition import delta_tables
+from landermt.vllm import ARTIFACT_KEY
 from landermt.vllm.runner import model_state_cls
 
 DYNAMIC_ARG_DIMS = {"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0, "pair_ids": 0}
 
 
-class RoutedMLP(nn.Module):
-    """A gated MLP whose neurons are scaled per token by its pair's row of the scale table (eqs. 8–9).
+def _take_over(routed: nn.Module, mlp: nn.Module) -> tuple[int, int]:
+    """`routed` holds `mlp`'s submodules under their names (weight names unchanged); returns this
+    tensor-parallel rank's neuron range [start, end)."""
+    if mlp.gate_up_proj.bias is not None:
+        raise ValueError("the vLLM routed MLP supports bias-free gate/up projections only")
+    for name, child in mlp.named_children():
+        routed.add_module(name, child)
+    local = mlp.down_proj.weight.shape[1]  # this rank's neurons
+    rank = get_tensor_model_parallel_rank()
+    return rank * local, (rank + 1) * local
 
-    Takes over the wrapped MLP's submodules under the same names, so weight names do not change.
-    """
+
+class RoutedMLP(nn.Module):
+    """Rule mask: a gated MLP whose neurons are scaled per token by its pair's row of the scale table (eqs. 8–9)."""
 
     def __init__(self, mlp: nn.Module, table: torch.Tensor):
         super().__init__()
-        if mlp.gate_up_proj.bias is not None:
-            raise ValueError("the vLLM routed MLP supports bias-free gate/up projections only")
-        for name, child in mlp.named_children():
-            self.add_module(name, child)
-        size, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        shard = table.shape[1] // size
-        local = table[:, rank * shard : (rank + 1) * shard]
+        start, end = _take_over(self, mlp)
+        local = table[:, start:end]
         weight = self.gate_up_proj.weight
         self.register_buffer("scales", torch.cat([local, local], dim=1).to(weight.device, weight.dtype),
                              persistent=False)
@@ -69,8 +91,54 @@ class RoutedMLP(nn.Module):
         return x
 
 
+class DeltaMLP(nn.Module):
+    """Rule delta: the base MLP with the general update merged into its weights (`load_update`) and the
+    specific neurons' update added per token by its pair's row of `uses` (landermt.routing.DeltaFFN)."""
+
+    def __init__(self, mlp: nn.Module, general: torch.Tensor, specific: torch.Tensor, uses: torch.Tensor):
+        super().__init__()
+        self.start, self.end = _take_over(self, mlp)
+        weight = self.gate_up_proj.weight
+        mine = (specific >= self.start) & (specific < self.end)
+        local = specific[mine] - self.start
+        p, d, s = self.end - self.start, weight.shape[1], len(local)
+        self.register_buffer("general", general[self.start : self.end].to(weight.device, weight.dtype),
+                             persistent=False)
+        self.register_buffer("specific", local.to(weight.device), persistent=False)
+        self.register_buffer("gate_up_specific", torch.cat([local, local + p]).to(weight.device), persistent=False)
+        self.register_buffer("uses", uses[:, mine].to(weight.device, weight.dtype), persistent=False)
+        # the specific neurons' update, zero until load_update: [gate rows; up rows] and the down columns
+        self.register_buffer("delta_gate_up", weight.new_zeros(2 * s, d), persistent=False)
+        self.register_buffer("delta_down", weight.new_zeros(d, s), persistent=False)
+
+    @torch.no_grad()
+    def load_update(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Merge the general neurons' update (Hugging Face layout: gate, up [p, d], down [d, p]) into the loaded
+        weights, W + Δ·[G] in the weights' dtype as DeltaFFN computes it, and keep the specific neurons' update."""
+        dtype, rows = self.general.dtype, slice(self.start, self.end)
+        gate, up, down = (t.to(self.general.device, dtype) for t in (gate[rows], up[rows], down[:, rows]))
+        p = self.end - self.start
+        g = self.general
+        self.gate_up_proj.weight[:p] += gate * g[:, None]
+        self.gate_up_proj.weight[p:] += up * g[:, None]
+        self.down_proj.weight += down * g[None, :]
+        self.delta_gate_up.copy_(torch.cat([gate[self.specific], up[self.specific]]))
+        self.delta_down.copy_(down[:, self.specific])
+
+    def forward(self, x: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
+        uses = self.uses.index_select(0, pair_ids)  # [tokens, specific]
+        gate_up, _ = self.gate_up_proj(x)
+        added = torch.cat([uses, uses], dim=-1) * F.linear(x, self.delta_gate_up)
+        h = self.act_fn(gate_up.index_add(-1, self.gate_up_specific, added))
+        y, _ = self.down_proj(h)
+        correction = F.linear(uses * h.index_select(-1, self.specific), self.delta_down)
+        if get_tensor_model_parallel_world_size() > 1:
+            correction = tensor_model_parallel_all_reduce(correction)
+        return y + correction
+
+
 def _mlp(mlp: nn.Module, x: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
-    return mlp(x, pair_ids) if isinstance(mlp, RoutedMLP) else mlp(x)
+    return mlp(x, pair_ids) if isinstance(mlp, (RoutedMLP, DeltaMLP)) else mlp(x)
 
 
 def _attention(layer: nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor,
@@ -111,7 +179,6 @@ def _load_artifact(vllm_config: VllmConfig) -> Artifact:
     if not path:
         raise ArtifactError(f"a LANDeRMT routed model needs `{ARTIFACT_KEY}` in its config (see routed_overrides)")
     artifact = load_artifact(path)
-    check_rule(artifact.manifest.routing, str(path))
     base = artifact.manifest.base_model
     got = (config.model_type, config.num_hidden_layers, config.intermediate_size)
     if got != (base.model_type, base.num_layers, base.intermediate_size):
@@ -128,9 +195,12 @@ class _RoutedModel:
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", artifact: Artifact):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        for index, table in artifact.partition.scale_tables().items():
+        delta = artifact.manifest.routing == "delta"
+        tables = delta_tables(artifact.partition) if delta else artifact.partition.scale_tables()
+        for index, table in tables.items():
             if self.start_layer <= index < self.end_layer:  # this pipeline stage's layers only
-                self.layers[index].mlp = RoutedMLP(self.layers[index].mlp, table)
+                mlp = self.layers[index].mlp
+                self.layers[index].mlp = DeltaMLP(mlp, *table) if delta else RoutedMLP(mlp, table)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None, inputs_embeds: torch.Tensor | None,
@@ -163,7 +233,8 @@ class _RoutedCausalLM:
     """What both routed causal LMs add: the pair_ids argument, artifact FFN weights, the MRV2 state."""
 
     artifact: Artifact
-    landermt_rows: int  # scale table rows (pairs + 1): runner.py routes only models that have it
+    landermt_rows: int  # routing table rows (pairs + 1): runner.py routes only models that have it
+    landermt_first_row: int  # the lowest pair id served: 0 (the base) under rule mask, 1 under delta
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -171,8 +242,20 @@ class _RoutedCausalLM:
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds, pair_ids)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The base checkpoint, then the artifact's trained FFN weights over the selected layers."""
-        return super().load_weights(_with_artifact_ffn(weights, self.artifact))
+        """The base checkpoint, then the artifact's weights: rule mask, its trained FFN weights over the selected
+        layers; rule delta, its update merged into (and kept beside) the loaded weights."""
+        loaded = super().load_weights(_with_artifact_ffn(weights, self.artifact))
+        update = self.artifact.update or {}
+        for index, layer in enumerate(self.model.layers):
+            if isinstance(layer.mlp, DeltaMLP) and update:
+                layer.mlp.load_update(*(update[f"layers.{index}.{name}.weight"]
+                                        for name in ("gate_proj", "up_proj", "down_proj")))
+        return loaded
+
+    def _set_artifact(self, vllm_config: VllmConfig) -> None:
+        self.artifact = _load_artifact(vllm_config)
+        self.landermt_rows = len(self.artifact.partition.pairs) + 1
+        self.landermt_first_row = 1 if self.artifact.manifest.routing == "delta" else 0
 
     @staticmethod
     def get_model_state_cls() -> type:
@@ -193,8 +276,7 @@ class LanderMTGemma3ForCausalLM(_RoutedCausalLM, Gemma3ForCausalLM):
         nn.Module.__init__(self)
         config = vllm_config.model_config.hf_config
         self.config, self.quant_config = config, vllm_config.quant_config
-        self.artifact = _load_artifact(vllm_config)
-        self.landermt_rows = len(self.artifact.partition.pairs) + 1
+        self._set_artifact(vllm_config)
         self.model = LanderMTGemma3Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
                                          artifact=self.artifact)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=self.quant_config,
@@ -208,6 +290,5 @@ class LanderMTGemma3ForCausalLM(_RoutedCausalLM, Gemma3ForCausalLM):
 class LanderMTLlamaForCausalLM(_RoutedCausalLM, LlamaForCausalLM):
     def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type: type[nn.Module] = LlamaDecoderLayer):
         """Called by LlamaForCausalLM.__init__ to build the inner model: the routed one."""
-        self.artifact = _load_artifact(vllm_config)
-        self.landermt_rows = len(self.artifact.partition.pairs) + 1
+        self._set_artifact(vllm_config)
         return LanderMTLlamaModel(vllm_config=vllm_config, prefix=prefix, artifact=self.artifact)

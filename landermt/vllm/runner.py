@@ -28,12 +28,14 @@ import torch
 from landermt.vllm import PAIR_ID_KEY
 
 
-def request_pair_id(sampling_params: Any, num_rows: int) -> int:
-    """The pair id a request asked for (0 without one); raises ValueError outside 0 … num_rows − 1."""
+def request_pair_id(sampling_params: Any, num_rows: int, first_row: int = 0) -> int:
+    """The pair id a request asked for (0 without one); raises ValueError outside first_row … num_rows − 1
+    (a delta artifact's model starts at 1: it does not serve the base model, see model.py)."""
     extra = getattr(sampling_params, "extra_args", None) or {}
     value = extra.get(PAIR_ID_KEY, 0)
-    if not isinstance(value, int) or not 0 <= value < num_rows:
-        raise ValueError(f"{PAIR_ID_KEY} must be an integer in 0…{num_rows - 1} (0 is the base model), got {value!r}")
+    if not isinstance(value, int) or not first_row <= value < num_rows:
+        served = "0 is the base model" if first_row == 0 else "a delta artifact does not serve 0, the base model"
+        raise ValueError(f"{PAIR_ID_KEY} must be an integer in {first_row}…{num_rows - 1} ({served}), got {value!r}")
     return value
 
 
@@ -45,9 +47,10 @@ def token_pair_ids(request_ids: np.ndarray, query_start_loc: np.ndarray) -> np.n
     return np.repeat(request_ids, np.diff(query_start_loc))
 
 
-def _routed_rows(model: torch.nn.Module) -> int | None:
-    """Rows of the routed model's scale tables (pairs + 1), or None for any other model."""
-    return getattr(model, "landermt_rows", None)
+def _routed_rows(model: torch.nn.Module) -> tuple[int, int] | None:
+    """(rows of the routed model's tables (pairs + 1), the lowest id it serves), or None for any other model."""
+    rows = getattr(model, "landermt_rows", None)
+    return None if rows is None else (rows, model.landermt_first_row)
 
 
 def install_v1_hook() -> None:
@@ -69,7 +72,7 @@ def install_v1_hook() -> None:
             buffer = self.landermt_pair_ids = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
         if num_reqs != 0:  # 0: a dummy or profiling run, whose ids only need to be valid
             batch = self.input_batch
-            ids = np.array([request_pair_id(self.requests[r].sampling_params, rows) for r in batch.req_ids])
+            ids = np.array([request_pair_id(self.requests[r].sampling_params, *rows) for r in batch.req_ids])
             per_token = token_pair_ids(ids, self.query_start_loc.np[: batch.num_reqs + 1])
             buffer[: per_token.shape[0]].copy_(torch.from_numpy(per_token))
         kwargs["pair_ids"] = buffer
@@ -94,7 +97,7 @@ def model_state_cls() -> type:
 
         def add_request(self, req_index, new_req_data) -> None:
             super().add_request(req_index, new_req_data)
-            self.slot_pair_ids[req_index] = request_pair_id(new_req_data.sampling_params, self.rows)
+            self.slot_pair_ids[req_index] = request_pair_id(new_req_data.sampling_params, *self.rows)
 
         def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
             inputs = super().prepare_inputs(input_batch, req_states)
