@@ -1,4 +1,5 @@
-"""The HTTP API (FastAPI): /translate (LibreTranslate-compatible), /languages, /health, /ready, /metrics."""
+"""The HTTP API (FastAPI): LibreTranslate's API (/translate, /detect, /languages, /translate_file,
+/download_file, /frontend/settings; JSON or form bodies), the web page at /, jobs, /health, /ready, /metrics."""
 
 from __future__ import annotations
 
@@ -11,12 +12,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from landermt.langid import LanguageIdentifier
+from landermt.prompts import LANGUAGE_NAMES
 from server import schemas
 from server.auth import ApiKeys, AuthError, route_dependencies
+from server.bodies import BodyFields, openapi_body, parse_fields, read_fields
 from server.engine import REQUEST_ID, Engine, EngineError, RequestError
+from server.files import FILE_FORMATS, MEDIA_TYPES, FileError, decode, extension, render, segments, translated_name
+from server.html import split_html
 from server.jobs import JOB_STATUSES, JobInputError, JobStore, parse_lines
 from server.languages import normalise
 from server.runner import JobRunner
@@ -29,6 +37,8 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
     runner = JobRunner(store, engine)
     keys = ApiKeys.load(engine.settings.api_keys) if engine.settings.api_keys else None  # None: no auth
     keyed = route_dependencies(keys)  # on /translate and /jobs*; health, metrics, languages and docs stay open
+    keyed_body = route_dependencies(keys, read_fields)  # the body's api_key field counts too
+    identifier = LanguageIdentifier(engine.languages)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -42,6 +52,10 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
     app = FastAPI(title="LANDeRMT", version="0.1.0", lifespan=lifespan,
                   description="Machine translation with language-aware routed neurons (one base model).")
     app.state.api_keys = keys  # tests set its clock
+    if engine.settings.cors_origins:  # browser clients on other origins (extensions, other pages); off by default
+        origins = [origin.strip() for origin in engine.settings.cors_origins.split(",") if origin.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Request-ID"])
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -75,7 +89,7 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
@@ -86,15 +100,147 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
     async def auth_error(request: Request, error: AuthError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
 
-    @app.post("/translate", response_model=schemas.TranslateResponse,
-              responses={400: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody},
-                         500: {"model": schemas.InternalError}}, dependencies=keyed)
-    async def translate(body: schemas.TranslateRequest) -> schemas.TranslateResponse:
+    def detect(text: str, index: int) -> tuple[str, float]:
+        found = identifier.best(text)
+        if found is None:
+            raise RequestError(f"cannot detect the language of text {index}: give source as one of the supported "
+                               "languages", 400, engine.languages)
+        return found
+
+    async def translate_texts(texts: list[str], sources: list[str], target: str) -> list[str]:
+        """Every text into `target` from its own source: one engine call per source language, all at once."""
+        groups: dict[str, list[int]] = {}
+        for index, source in enumerate(sources):
+            groups.setdefault(source, []).append(index)
+        results = await asyncio.gather(*(engine.translate([texts[i] for i in indices], source, target)
+                                         for source, indices in groups.items()))
+        outputs = [""] * len(texts)
+        for indices, translated in zip(groups.values(), results, strict=True):
+            for i, text in zip(indices, translated, strict=True):
+                outputs[i] = text
+        return outputs
+
+    async def translate_documents(documents: list[str], sources: list[str], target: str, format: str) -> list[str]:
+        """Plain texts, or HTML documents whose text nodes are translated (all in one batch) and markup kept."""
+        if format == "text":
+            return await translate_texts(documents, sources, target)
+        parsed = [split_html(document) for document in documents]
+        segments = [(i, text) for i, doc in enumerate(parsed) for text in doc.texts]
+        limit = engine.settings.max_texts
+        chunks = [segments[start : start + limit] for start in range(0, len(segments), limit)]
+        translated = await asyncio.gather(*(translate_texts([t for _, t in chunk], [sources[i] for i, _ in chunk],
+                                                            target) for chunk in chunks))
+        flat = iter([text for chunk in translated for text in chunk])
+        return [doc.render([next(flat) for _ in doc.texts]) for doc in parsed]
+
+    @app.post("/translate", response_model=schemas.TranslateResponse, response_model_exclude_none=True,
+              responses={400: {"model": schemas.ErrorBody}, 401: {"model": schemas.ErrorBody},
+                         403: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody},
+                         429: {"model": schemas.ErrorBody}, 500: {"model": schemas.InternalError}},
+              dependencies=keyed_body, openapi_extra=openapi_body(schemas.TranslateRequest, "TranslateRequest"))
+    async def translate(fields: BodyFields) -> schemas.TranslateResponse:
+        """LibreTranslate's /translate: `q` a text or a list, `source` a tag or `auto`, `format` text or html,
+        `alternatives` (returned empty until beam search: Step 9)."""
         started = time.monotonic()
+        body = parse_fields(schemas.TranslateRequest, fields)
         texts = [body.q] if isinstance(body.q, str) else body.q
-        outputs = await engine.translate(texts, normalise(body.source), normalise(body.target))
+        engine.check_texts(texts)  # empty or too many texts: before detection
+        detected = None
+        if body.source == "auto":
+            detected = [detect(text, i) for i, text in enumerate(texts)]
+            sources = [language for language, _ in detected]
+        else:
+            sources = [normalise(body.source)] * len(texts)
+        outputs = await translate_documents(texts, sources, normalise(body.target), body.format)
         metrics.request_seconds.observe(time.monotonic() - started)
-        return schemas.TranslateResponse(translatedText=outputs[0] if isinstance(body.q, str) else outputs)
+        one = isinstance(body.q, str)
+        answer = schemas.TranslateResponse(translatedText=outputs[0] if one else outputs)
+        if detected is not None:
+            found = [schemas.DetectedLanguage(language=code, confidence=round(c, 2)) for code, c in detected]
+            answer.detectedLanguage = found[0] if one else found
+        if body.alternatives:
+            answer.alternatives = [] if one else [[] for _ in texts]
+        return answer
+
+    @app.post("/detect", response_model=list[schemas.DetectedLanguage],
+              responses={400: {"model": schemas.ErrorBody}, 403: {"model": schemas.ErrorBody}},
+              dependencies=keyed_body, openapi_extra=openapi_body(schemas.DetectRequest, "DetectRequest"))
+    async def detect_language(fields: BodyFields) -> list[schemas.DetectedLanguage]:
+        """The served languages `q` may be in, best first (at most 3, confidence 0-100). Like LibreTranslate,
+        a text that gives no evidence answers its first language with confidence 0."""
+        body = parse_fields(schemas.DetectRequest, fields)
+        found = identifier.detect(body.q)[:3] or [("en" if "en" in engine.languages else engine.languages[0], 0.0)]
+        return [schemas.DetectedLanguage(language=code, confidence=round(c, 2)) for code, c in found]
+
+    @app.get("/frontend/settings", response_model=schemas.FrontendSettings)
+    async def frontend_settings() -> schemas.FrontendSettings:
+        """LibreTranslate's settings for web pages."""
+        target = next((code for code in engine.languages if code != "en"), engine.languages[0])
+        return schemas.FrontendSettings(
+            charLimit=engine.settings.max_chars, frontendTimeout=500, apiKeys=keys is not None,
+            keyRequired=keys is not None, suggestions=False, filesTranslation=True,
+            supportedFilesFormat=list(FILE_FORMATS),
+            language=schemas.FrontendLanguages(source=schemas.LanguageChoice(code="auto", name="Auto Detect"),
+                                               target=schemas.LanguageChoice(code=target,
+                                                                             name=LANGUAGE_NAMES.get(target, target))))
+
+    @app.post("/translate_file", response_model=schemas.TranslateFileResponse,
+              responses={400: {"model": schemas.ErrorBody}, 403: {"model": schemas.ErrorBody},
+                         413: {"model": schemas.ErrorBody}},
+              dependencies=keyed_body, openapi_extra=openapi_body(
+                  schemas.TranslateFileRequest, "TranslateFileRequest",
+                  files={"file": f"UTF-8 text: {', '.join(FILE_FORMATS)}"}))
+    async def translate_file(request: Request, fields: BodyFields) -> schemas.TranslateFileResponse:
+        """A .txt or .html file (multipart field `file`), translated as a job in SQLite; answered with the URL of
+        the translation once the job is done (or after --file-wait-seconds: the URL answers 409 until then)."""
+        body = parse_fields(schemas.TranslateFileRequest, fields)
+        upload = fields.get("file")
+        if upload is None or isinstance(upload, str):
+            raise RequestError("invalid request: send the file as a multipart field named 'file'", 400)
+        name = upload.filename or ""
+        try:
+            extension(name)
+            document = decode(name, await upload.read(engine.settings.max_file_bytes + 1),
+                              engine.settings.max_file_bytes)
+            texts = segments(name, document)
+        except FileError as error:
+            raise RequestError(f"invalid request: {error}", 413 if "the limit is" in str(error) else 400) from None
+        if not texts:
+            raise RequestError(f"invalid request: {name} has no text to translate", 400)
+        source = detect(" ".join(texts)[:2000], 0)[0] if body.source == "auto" else body.source
+        lines = "\n".join(json.dumps({"id": str(i), "text": text, "source": source, "target": body.target})
+                          for i, text in enumerate(texts)).encode()
+        try:
+            parsed = parse_lines(lines, engine.line_problem, engine.settings.max_job_lines)
+        except JobInputError as error:
+            raise RequestError(f"file rejected: {error}", 400) from None
+        job = await asyncio.to_thread(store.create, parsed, (name, document))
+        runner.notify()
+        deadline = time.monotonic() + engine.settings.file_wait_seconds
+        while store.status(job)["status"] in ("queued", "running") and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        url = request.url_for("download_file", job=job, filename=translated_name(name, normalise(body.target)))
+        return schemas.TranslateFileResponse(translatedFileUrl=str(url))
+
+    @app.get("/download_file/{job}/{filename}", dependencies=keyed,
+             responses={200: {"content": {kind: {} for kind in sorted(set(MEDIA_TYPES.values()))}},
+                        404: {"model": schemas.ErrorBody}, 409: {"model": schemas.ErrorBody}})
+    async def download_file(job: str, filename: str) -> Response:
+        """A translated file (attachment); 409 while its job still runs (GET /jobs/{job} shows progress)."""
+        stored, status = store.file(job), store.status(job)
+        if stored is None or status is None:
+            raise RequestError(f"no translated file {job}/{filename}", 404)
+        if status["status"] in ("queued", "running"):
+            counts = status["counts"]
+            raise RequestError(f"not ready: {counts['completed']} of {counts['total']} segments translated "
+                               f"(GET /jobs/{job})", 409)
+        name, document = stored
+        results = await asyncio.to_thread(store.results, job)
+        texts = segments(name, document)
+        translated = render(name, document, [line.get("translation", text) for line, text in zip(
+            results, texts, strict=True)])
+        return Response(translated, media_type=MEDIA_TYPES[extension(name)],
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     @app.get("/languages", response_model=list[schemas.Language])
     async def languages() -> list[schemas.Language]:
@@ -166,4 +312,29 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
         store.cancel(job)
         return schemas.JobStatus(**job_status(job))
 
+    def openapi() -> dict:
+        """FastAPI's document, plus the bodies read by server/bodies.py (JSON and form) with the served language
+        codes as enums and the length limits, so that generated clients send what this server accepts."""
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = spec.setdefault("components", {}).setdefault("schemas", {})
+        s, codes = engine.settings, list(engine.languages)
+        text = {"type": "string", "minLength": 1, "maxLength": s.max_chars, "pattern": r"\S"}
+        for model in (schemas.TranslateRequest, schemas.DetectRequest, schemas.TranslateFileRequest):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            properties = schema["properties"]
+            if "source" in properties:
+                properties["source"] = properties["source"] | {"enum": [*codes, "auto"]}
+                properties["target"] = properties["target"] | {"enum": codes}
+            if model is schemas.TranslateRequest:
+                properties["q"] = {"description": properties["q"]["description"], "anyOf": [
+                    text, {"type": "array", "items": text, "minItems": 1, "maxItems": s.max_texts}]}
+            elif "q" in properties:
+                properties["q"] = properties["q"] | text
+            components[model.__name__] = schema
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi
     return app

@@ -1,4 +1,8 @@
-"""Optional API keys: `Authorization: Bearer <key>`, checked against stored SHA-256 hashes, rate-limited per key.
+"""Optional API keys, checked against stored SHA-256 hashes, rate-limited per key.
+
+A request names its key as `Authorization: Bearer <key>`, or as LibreTranslate's clients do: an `api_key` field
+in the body (JSON or form) or the query string. No key is 401, an unknown key 403 (LibreTranslate's "Invalid
+API key"), a key over its rate 429.
 
 The keys file (`--api-keys`, LANDERMT_API_KEYS; unset = no auth) is JSON written by `python -m server.keys`:
 
@@ -21,10 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import Depends
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 
 FIELDS = {"name", "sha256", "rate_per_minute"}
 
@@ -34,7 +38,7 @@ class KeysFileError(ValueError):
 
 
 class AuthError(Exception):
-    """A request refused because of its key: `status` is 401 or 429, `headers` what the client needs to retry."""
+    """A request refused because of its key: `status` 401, 403 or 429, `headers` what the client needs to retry."""
 
     def __init__(self, message: str, status: int, headers: dict[str, str]):
         super().__init__(message)
@@ -142,14 +146,14 @@ class ApiKeys:
         return cls(read_keys(path))
 
     def admit(self, key: str | None) -> str:
-        """The name of `key`, taking one request from its bucket; AuthError 401 (missing, unknown) or 429 (rate)."""
-        if key is None:
-            raise AuthError("missing API key: send Authorization: Bearer <key>", 401, {"WWW-Authenticate": "Bearer"})
+        """The name of `key`, taking one request from its bucket; AuthError 401 (missing), 403 (unknown), 429 (rate)."""
+        if not key:
+            raise AuthError(MISSING_KEY, 401, {"WWW-Authenticate": "Bearer"})
         digest = hash_key(key)
         # constant-time comparisons against every stored hash, with no early exit
         matches = [entry for entry in self.keys if hmac.compare_digest(entry.sha256, digest)]
         if not matches:
-            raise AuthError("invalid API key", 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise AuthError("invalid API key", 403, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         entry, now = matches[0], self.clock()
         if entry.name not in self.buckets:  # created full on first use, on the clock in use by then
             self.buckets[entry.name] = TokenBucket(entry.rate_per_minute, entry.rate_per_minute / 60,
@@ -162,16 +166,27 @@ class ApiKeys:
         return entry.name
 
 
+MISSING_KEY = "missing API key: send Authorization: Bearer <key>, or an api_key field"
 BEARER = HTTPBearer(auto_error=False, description="an API key from `python -m server.keys add NAME`")
+QUERY_KEY = APIKeyQuery(name="api_key", auto_error=False, description="the API key as LibreTranslate's clients send it")
 
 
-def route_dependencies(keys: ApiKeys | None) -> list:
-    """FastAPI route dependencies that require a valid key within its rate; none when auth is off."""
+def route_dependencies(keys: ApiKeys | None, body_fields: Callable | None = None) -> list:
+    """FastAPI route dependencies that require a valid key within its rate; none when auth is off. With
+    `body_fields` (a dependency giving the parsed body) the body's `api_key` field counts too."""
     if keys is None:
         return []
 
-    # async on purpose: it runs on the event loop, one request at a time, so the buckets need no lock
-    async def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> str:
-        return keys.admit(credentials.credentials if credentials else None)
+    async def no_body() -> dict:
+        return {}
+
+    # async on purpose: it runs on the event loop, one request at a time, so the buckets need no lock. Depends()
+    # as defaults: a local name inside Annotated[...] would not resolve under postponed annotations
+    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(BEARER),  # noqa: B008
+                          query_key: str | None = Depends(QUERY_KEY),  # noqa: B008
+                          fields: dict = Depends(body_fields or no_body)) -> str:  # noqa: B008
+        body_key = fields.get("api_key")
+        return keys.admit(credentials.credentials if credentials else
+                          body_key if isinstance(body_key, str) and body_key else query_key)
 
     return [Depends(require_key)]

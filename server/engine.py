@@ -133,11 +133,11 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------
     def check_pair(self, source: str, target: str) -> None:
+        """Both languages served (source = target is allowed: the text comes back unchanged, as LibreTranslate
+        does)."""
         for code in (source, target):
             if code not in self.languages:
                 raise RequestError(f"unsupported language {code!r}", 400, self.languages)
-        if source == target:
-            raise RequestError(f"source and target are the same language ({source!r})", 400)
 
     def prompt(self, source: str, target: str, text: str) -> str:
         shots = [] if self.artifact else list(zip(FEW_SHOT[source], FEW_SHOT[target], strict=True))
@@ -174,6 +174,8 @@ class Engine:
     async def translate(self, texts: list[str], source: str, target: str, priority: int = INTERACTIVE) -> list[str]:
         self.check_pair(source, target)
         lengths = self.check_texts(texts)
+        if source == target:
+            return list(texts)
         s = self.settings
         pair_id = self.artifact.partition.pair_id(source, target) if self.artifact else None
         loop = asyncio.get_running_loop()

@@ -26,6 +26,9 @@ CREATE TABLE IF NOT EXISTS lines (
     PRIMARY KEY (job, idx)
 );
 CREATE INDEX IF NOT EXISTS pending ON lines (job, status, idx);
+CREATE TABLE IF NOT EXISTS files (
+    job TEXT PRIMARY KEY REFERENCES jobs(id), name TEXT NOT NULL, document TEXT NOT NULL
+);
 """
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 
@@ -89,7 +92,9 @@ class JobStore:
         self.db.executescript(SCHEMA)
         self.lock = threading.Lock()
 
-    def create(self, lines: list[dict]) -> str:
+    def create(self, lines: list[dict], file: tuple[str, str] | None = None) -> str:
+        """A job of `lines`; `file` (name, document) is the uploaded file its lines came from (/translate_file),
+        stored in the same transaction so that a killed server still has it."""
         job = uuid.uuid4().hex
         now = time.time()
         with self.lock:
@@ -98,8 +103,15 @@ class JobStore:
             self.db.executemany(
                 "INSERT INTO lines (job, idx, line_id, text, source, target) VALUES (?, ?, ?, ?, ?, ?)",
                 [(job, i, line["id"], line["text"], line["source"], line["target"]) for i, line in enumerate(lines)])
+            if file is not None:
+                self.db.execute("INSERT INTO files VALUES (?, ?, ?)", (job, *file))
             self.db.execute("COMMIT")
         return job
+
+    def file(self, job: str) -> tuple[str, str] | None:
+        """(name, document) of a file job, or None."""
+        with self.lock:
+            return self.db.execute("SELECT name, document FROM files WHERE job = ?", (job,)).fetchone()
 
     def status(self, job: str) -> dict | None:
         with self.lock:

@@ -27,6 +27,9 @@ class Settings:
     jobs_db: str = str(Path.home() / ".local" / "share" / "landermt" / "jobs.sqlite3")
     max_job_lines: int = 100_000
     api_keys: str | None = None  # JSON file of hashed API keys (python -m server.keys); None: no auth
+    cors_origins: str | None = None  # comma-separated origins browsers may call the API from ("*": any); None: off
+    max_file_bytes: int = 2_000_000  # /translate_file upload limit
+    file_wait_seconds: float = 300.0  # /translate_file answers when its job is done, or after this long
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:

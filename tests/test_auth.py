@@ -1,4 +1,5 @@
-"""API keys: 401 without a valid key, 429 over a key's rate, open endpoints, the keys CLI, malformed keys files."""
+"""API keys: 401 without a key, 403 with a wrong one, 429 over a key's rate, the key as a Bearer header, body
+field or query parameter, open endpoints, the keys CLI, malformed keys files."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tests.test_server import TEXTS, metric
 ROOT = Path(__file__).resolve().parent.parent
 MAIN, LIMITED = "main-key-for-tests-0123456789", "limited-key-for-tests-0123456789"
 BODY = {"q": TEXTS["en"], "source": "en", "target": "de"}
-MISSING = {"error": "missing API key: send Authorization: Bearer <key>"}
+MISSING = {"error": "missing API key: send Authorization: Bearer <key>, or an api_key field"}
 
 
 class Clock:
@@ -82,9 +83,9 @@ def test_no_key_is_401(server, method, path, authorization):
 
 
 @pytest.mark.parametrize("key", ["wrong", hash_key(MAIN), MAIN + "x"])  # the stored hash is not a key
-def test_wrong_key_is_401(server, key):
+def test_wrong_key_is_403(server, key):
     response = httpx.post(f"{server}/translate", json=BODY, headers=bearer(key))
-    assert response.status_code == 401 and response.json() == {"error": "invalid API key"}
+    assert response.status_code == 403 and response.json() == {"error": "invalid API key"}
     assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
 
 
@@ -125,12 +126,24 @@ def test_rate_limit_is_429_with_retry_after_then_recovers(server, clock):
     assert LIMITED not in after and hash_key(LIMITED) not in after  # no keys in metrics
 
 
-def test_401_is_counted_in_metrics(server):
-    counted = 'landermt_http_requests_total{endpoint="/translate",status="401"}'
-    before = metric(httpx.get(f"{server}/metrics").text, counted)
+def test_key_as_body_field_or_query_parameter(server):
+    """LibreTranslate's clients send `api_key` in the body (JSON or form) or the query string."""
+    for request in (dict(json=BODY | {"api_key": MAIN}), dict(data=BODY | {"api_key": MAIN}),
+                    dict(json=BODY, params={"api_key": MAIN})):
+        assert httpx.post(f"{server}/translate", timeout=60, **request).status_code == 200
+    assert httpx.post(f"{server}/translate", json=BODY | {"api_key": "wrong"}).status_code == 403
+    assert httpx.post(f"{server}/translate", json=BODY | {"api_key": ""}).status_code == 401  # empty: no key
+    assert httpx.get(f"{server}/jobs/none", params={"api_key": MAIN}).status_code == 404
+
+
+def test_refusals_are_counted_in_metrics(server):
+    counted = {status: f'landermt_http_requests_total{{endpoint="/translate",status="{status}"}}'
+               for status in ("401", "403")}
+    before = {status: metric(httpx.get(f"{server}/metrics").text, name) for status, name in counted.items()}
     httpx.post(f"{server}/translate", json=BODY)
     httpx.post(f"{server}/translate", json=BODY, headers=bearer("wrong"))
-    assert metric(httpx.get(f"{server}/metrics").text, counted) - before == 2
+    after = httpx.get(f"{server}/metrics").text
+    assert {status: metric(after, name) - before[status] for status, name in counted.items()} == {"401": 1, "403": 1}
 
 
 def test_open_endpoints_need_no_key(server):
@@ -139,8 +152,11 @@ def test_open_endpoints_need_no_key(server):
     spec = httpx.get(f"{server}/openapi.json").json()
     scheme = spec["components"]["securitySchemes"]["HTTPBearer"]
     assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
-    assert spec["paths"]["/translate"]["post"]["security"] == [{"HTTPBearer": []}]
-    assert spec["paths"]["/jobs/{job}/results"]["get"]["security"] == [{"HTTPBearer": []}]
+    query = spec["components"]["securitySchemes"]["APIKeyQuery"]
+    assert (query["type"], query["in"], query["name"]) == ("apiKey", "query", "api_key")
+    either = [{"HTTPBearer": []}, {"APIKeyQuery": []}]  # either one is enough
+    assert spec["paths"]["/translate"]["post"]["security"] == either
+    assert spec["paths"]["/jobs/{job}/results"]["get"]["security"] == either
     assert "security" not in spec["paths"]["/health"]["get"]
 
 

@@ -58,13 +58,14 @@ def test_languages_health_ready(server):
 @pytest.mark.parametrize("body,status,message", [
     ({"q": "Hallo", "source": "xx", "target": "en"}, 400, "unsupported language 'xx'"),
     ({"q": "Hello", "source": "en", "target": "ja"}, 400, "unsupported language 'ja'"),
-    ({"q": "Hello", "source": "en", "target": "en-GB"}, 400, "same language"),
     ({"q": "   ", "source": "en", "target": "de"}, 400, "text 0 is empty"),
     ({"q": [], "source": "en", "target": "de"}, 400, "no text"),
     ({"q": "x" * 201, "source": "en", "target": "de"}, 413, "201 characters; the limit is 200"),
     ({"q": ["a b"] * 5, "source": "en", "target": "de"}, 413, "5 texts in one request; the limit is 4"),
-    ({"q": "Hello", "source": "en"}, 422, "body.target: Field required"),
-    ({"q": 5, "source": "en", "target": "de"}, 422, "invalid request"),
+    ({"q": "Hello", "source": "en"}, 400, "target: Field required"),
+    ({"q": 5, "source": "en", "target": "de"}, 400, "invalid request"),
+    ({"q": "Hello", "source": "en", "target": "de", "format": "pdf"}, 400, "format: Input should be 'text' or 'html'"),
+    ({"q": "Hello", "source": "en", "target": "de", "alternatives": -1}, 400, "alternatives: Input should be greater"),
 ])
 def test_bad_input_gets_a_clear_error(server, body, status, message):
     response = httpx.post(f"{server}/translate", json=body)
@@ -74,9 +75,19 @@ def test_bad_input_gets_a_clear_error(server, body, status, message):
         assert response.json()["supported"] == ["en", "ar", "de", "fr", "it", "zh"]
 
 
-def test_malformed_json_is_422(server):
+def test_malformed_bodies_are_400(server):
     response = httpx.post(f"{server}/translate", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422 and "invalid request" in response.json()["error"]
+    assert response.status_code == 400 and "malformed JSON body" in response.json()["error"]
+    listed = httpx.post(f"{server}/translate", json=["q"])
+    assert listed.status_code == 400 and "must be an object" in listed.json()["error"]
+    other = httpx.post(f"{server}/translate", content=b"q=x", headers={"content-type": "text/csv"})
+    assert other.status_code == 415 and "unsupported content type 'text/csv'" in other.json()["error"]
+
+
+def test_same_source_and_target_returns_the_text(server):
+    """As LibreTranslate does: the text back unchanged, no model call."""
+    response = translate(server, [TEXTS["en"], "Hi"], "en", "en-GB")
+    assert response.status_code == 200 and response.json() == {"translatedText": [TEXTS["en"], "Hi"]}
 
 
 def test_bcp47_tags_are_normalised(server):

@@ -7,8 +7,9 @@ BLEU is sacreBLEU with tokenize=13a (zh for Chinese targets), chrF with default 
 signatures are reported. Each direction keeps every output and its sentence-level BLEU statistics,
 from which the mean BLEU over directions gets a 95% bootstrap confidence interval (1,000 resamples
 of each direction's sentences, as sacreBLEU's --confidence does for one test set). The off-target
-rate uses the offline check in langid.py. Forgetting is perplexity on held-out monolingual text per
-language, with and without the finetuned weights.
+rate is the share of outputs that landermt.langid (py3langid, offline) identifies as another language
+than the target, choosing among the project's six languages and those of the evaluated directions.
+Forgetting is perplexity on held-out monolingual text per language, with and without the finetuned weights.
 `--unrouted` serves the artifact's trained FFN weights to every direction with no routing mask (every
 neuron, no CAR scaling), to measure what the routing itself adds or costs.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +32,15 @@ from landermt.artifact import load_artifact
 from landermt.cli import user_errors
 from landermt.decode import Request, RunningBatch
 from landermt.generate import decoded, stop_token_ids
+from landermt.langid import off_target_rate
 from landermt.loss import target_loss
 from landermt.models import load_model
 from landermt.prompts import IGNORE, batches, few_shot_prefix, render_prompt, text_example
 from landermt.routing import route
-from training import langid
+from training.config import DataConfig
 from training.data import TESTSETS, evaluation_set
+
+LANGUAGES = ("en", *DataConfig().languages)  # the project's six: off-target outputs are identified among them
 
 
 @dataclass(frozen=True)
@@ -92,11 +97,13 @@ def bleu_metric(target_lang: str) -> sacrebleu.metrics.BLEU:
     return sacrebleu.metrics.BLEU(tokenize="zh" if target_lang == "zh" else "13a")
 
 
-def score(hypotheses: list[str], references: list[str], target_lang: str) -> dict:
+def score(hypotheses: list[str], references: list[str], target_lang: str,
+          languages: Iterable[str] = LANGUAGES) -> dict:
+    """BLEU, chrF and the off-target rate, a wrong language being one of `languages` (and the target)."""
     bleu, chrf = bleu_metric(target_lang), sacrebleu.metrics.CHRF()
     b, c = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses, [references])
     return {"bleu": round(b.score, 2), "chrf": round(c.score, 2), "off_target": round(
-        langid.off_target_rate(hypotheses, target_lang), 4), "bleu_signature": str(bleu.get_signature()),
+        off_target_rate(hypotheses, target_lang, languages), 4), "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()), "sentences": len(hypotheses),
         "bleu_stats": bleu._extract_corpus_statistics(hypotheses, [references])}  # what sacreBLEU resamples
 
@@ -154,11 +161,12 @@ def evaluate_directions(model, tokenizer, template: str, directions: list[str], 
                  for d in directions for source, _ in lines[d]]
     hyps = iter(translate_all(model, tokenizer, template, sentences, batch_size, max_new_tokens,
                               f"translate {testset_name}"))  # all directions in one stream: no per-direction tail
+    languages = {*LANGUAGES, *(code for d in directions for code in d.split("-"))}
     results = {}
     for direction in directions:
         pairs = lines[direction]
         outputs = [next(hyps) for _ in pairs]
-        results[direction] = score(outputs, [r for _, r in pairs], direction.split("-")[1]) | {
+        results[direction] = score(outputs, [r for _, r in pairs], direction.split("-")[1], languages) | {
             "outputs": outputs, "examples": [{"source": s, "reference": r, "output": h}
                                              for (s, r), h in list(zip(pairs, outputs, strict=True))[:3]]}
     return results

@@ -4,7 +4,8 @@ Rule `mask` (the paper's routed CAR FFN, §3.3, eqs. 8–9): `RoutedMLP` replace
 Its scale table has one row per pair plus row 0 (all ones: the base model); row r holds, per neuron, c for
 language-general neurons, 1 − c for the pair's language-specific ones and 0 for every other neuron
 (landermt.partition.pair_scales). Since W(s·x) = s·(Wx) per output unit, eqs. 8–9,
-H = FFN_G(c·x) + FFN_S((1−c)·x), become one shared gate/up matmul followed by a per-token scale of its outputs, gathered by pair id:
+H = FFN_G(c·x) + FFN_S((1−c)·x), become one shared gate/up matmul followed by a per-token scale of its
+outputs, gathered by pair id:
 
     gate_up = gate_up * table.index_select(0, pair_ids)      # before the activation
 
