@@ -9,12 +9,13 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from landermt.langid import LanguageIdentifier
@@ -30,6 +31,7 @@ from server.languages import normalise
 from server.runner import JobRunner
 
 log = logging.getLogger("landermt.http")
+WEB_PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def create_app(engine: Engine, store: JobStore) -> FastAPI:
@@ -216,7 +218,7 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
             raise RequestError(f"file rejected: {error}", 400) from None
         job = await asyncio.to_thread(store.create, parsed, (name, document))
         runner.notify()
-        deadline = time.monotonic() + engine.settings.file_wait_seconds
+        deadline = time.monotonic() + (engine.settings.file_wait_seconds if body.wait else 0)
         while store.status(job)["status"] in ("queued", "running") and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         url = request.url_for("download_file", job=job, filename=translated_name(name, normalise(body.target)))
@@ -241,6 +243,11 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
             results, texts, strict=True)])
         return Response(translated, media_type=MEDIA_TYPES[extension(name)],
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def web_page() -> HTMLResponse:
+        """The web page: one static file, no build step (server/static/index.html)."""
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/languages", response_model=list[schemas.Language])
     async def languages() -> list[schemas.Language]:

@@ -54,6 +54,8 @@ class DetectRequest(Body):
 class TranslateFileRequest(Body):
     source: str = Field(description="source language tag or `auto`")
     target: str = Field(description="target language tag")
+    wait: bool = Field(True, description="false: answer at once (not LibreTranslate's); follow GET /jobs/{job} "
+                                         "(the job id is the URL's path segment after /download_file/)")
 
 
 class TranslateFileResponse(BaseModel):
