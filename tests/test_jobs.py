@@ -184,3 +184,34 @@ def test_store_records_each_line_once_and_tracks_status(tmp_path):
     assert store.cancel(other) and store.next_pending(10) is None and not store.cancel(other)
     reopened = JobStore(tmp_path / "jobs.sqlite3")
     assert reopened.status(job)["counts"] == {"total": 2, "completed": 1, "failed": 1}
+
+
+def test_file_in_flight_survives_kill_9(smoke_run, tmp_path):
+    """/translate_file with wait=false: the file and its segments are in SQLite before the answer, so a server
+    killed mid-file finishes it after a restart and the download has every line translated once."""
+    port, db = free_port(), tmp_path / "jobs.sqlite3"
+    proc = start_server(smoke_run, port, db)
+    base = f"http://127.0.0.1:{port}"
+    lines = [f"{TEXTS['en']} {i}" for i in range(80)]
+    document = "\n".join(lines) + "\n"
+    url = httpx.post(f"{base}/translate_file", data={"source": "en", "target": "de", "wait": "false"},
+                     files={"file": ("big.txt", document.encode())}, timeout=60).json()["translatedFileUrl"]
+    job = url.split("/")[-2]
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{base}/jobs/{job}").json()["counts"]["completed"] < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    early = httpx.get(url)
+    assert early.status_code == 409 and "not ready" in early.json()["error"]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = start_server(smoke_run, port, db)
+    try:
+        status = wait_for(base, job)
+        translated = httpx.get(url)
+        results = [json.loads(x) for x in httpx.get(f"{base}/jobs/{job}/results").text.splitlines()]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert status["counts"] == {"total": 80, "completed": 80, "failed": 0}
+    assert translated.status_code == 200 and translated.text == "".join(r["translation"] + "\n" for r in results)
