@@ -171,6 +171,7 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
         """The served languages `q` may be in, best first (at most 3, confidence 0-100). Like LibreTranslate,
         a text that gives no evidence answers its first language with confidence 0."""
         body = parse_fields(schemas.DetectRequest, fields)
+        engine.check_texts([body.q])  # the same limits as a text to translate
         found = identifier.detect(body.q)[:3] or [("en" if "en" in engine.languages else engine.languages[0], 0.0)]
         return [schemas.DetectedLanguage(language=code, confidence=round(c, 2)) for code, c in found]
 
@@ -265,7 +266,7 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
     async def ready() -> JSONResponse:
         return JSONResponse({"ready": engine.ready}, status_code=200 if engine.ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def prometheus() -> Response:
         counts = store.counts_by_status()
         for status in JOB_STATUSES:
@@ -273,7 +274,12 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/jobs", status_code=201, response_model=schemas.JobStatus,
-              responses={400: {"model": schemas.ErrorBody}}, dependencies=keyed)
+              responses={400: {"model": schemas.ErrorBody}}, dependencies=keyed, openapi_extra={"requestBody": {
+                  "required": True, "content": {
+                      "application/x-ndjson": {"schema": {"type": "string", "description": "JSON lines "
+                                                          '{"id", "text", "source", "target"}'}},
+                      "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                          "file": {"type": "string", "format": "binary"}}}}}}})
     async def create_job(request: Request) -> schemas.JobStatus:
         """Body: JSONL as application/x-ndjson, or a multipart upload with field `file`.
         Each line: {"id", "text", "source", "target"}."""
@@ -304,7 +310,8 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
     async def get_job(job: str) -> schemas.JobStatus:
         return schemas.JobStatus(**job_status(job))
 
-    @app.get("/jobs/{job}/results", responses={404: {"model": schemas.ErrorBody}}, dependencies=keyed)
+    @app.get("/jobs/{job}/results", dependencies=keyed, responses={
+        200: {"content": {"application/x-ndjson": {}}}, 404: {"model": schemas.ErrorBody}})
     async def job_results(job: str) -> Response:
         """JSONL in input order: {"id", "translation"}, {"id", "error"}, or {"id", "status": "pending"}."""
         job_status(job)

@@ -88,6 +88,8 @@ def test_detect(server):
     assert httpx.post(f"{server}/detect", json={"q": "1234"}).json() == [{"language": "en", "confidence": 0.0}]
     missing = httpx.post(f"{server}/detect", json={})
     assert missing.status_code == 400 and "q: Field required" in missing.json()["error"]
+    assert httpx.post(f"{server}/detect", json={"q": "x" * 201}).status_code == 413
+    assert httpx.post(f"{server}/detect", json={"q": " "}).status_code == 400
 
 
 def test_html_keeps_markup_and_translates_text_nodes(server):
@@ -177,3 +179,6 @@ def test_openapi_describes_bodies_languages_and_limits(server):
     assert request["q"]["anyOf"][0]["maxLength"] == 200 and request["q"]["anyOf"][1]["maxItems"] == 4
     assert "multipart/form-data" in spec["paths"]["/translate_file"]["post"]["requestBody"]["content"]
     assert "/detect" in spec["paths"] and "/frontend/settings" in spec["paths"]
+    assert set(spec["paths"]["/jobs"]["post"]["requestBody"]["content"]) == {"application/x-ndjson",
+                                                                             "multipart/form-data"}
+    assert "application/x-ndjson" in spec["paths"]["/jobs/{job}/results"]["get"]["responses"]["200"]["content"]
