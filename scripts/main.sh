@@ -7,7 +7,8 @@
 source "$(dirname "$0")/env.sh"
 if [ -z "${LANDERMT_ARTIFACT:-}" ]; then
   run=runs/quick-tuned-landermt
-  if [ ! -f "$run/artifact/ffn.safetensors" ]; then
+  # a trained artifact has its weights: update.safetensors (routing delta, the default) or ffn.safetensors (mask)
+  if [ ! -f "$run/artifact/update.safetensors" ] && [ ! -f "$run/artifact/ffn.safetensors" ]; then
     echo "no trained artifact in $run: training the quick preset first" >&2
     python -m training.run --config configs/quick-tuned.yaml --output "$run" --resume --skip-eval
   fi

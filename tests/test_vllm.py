@@ -278,13 +278,14 @@ def test_compiled_matches_torch(built, reference, loop, tmp_path, monkeypatch):
     assert list((tmp_path / "torch_compile_cache").rglob("*.so")), "the model was not compiled"
 
 
-def test_llama_mixed_pairs_match_torch(tmp_path, loop):
-    """The Llama-architecture routed model, eager."""
+@pytest.mark.parametrize("routing", ["mask", "delta"])
+def test_llama_mixed_pairs_match_torch(tmp_path, loop, routing):
+    """The Llama-architecture routed model, eager, under both rules."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(train_tokenizer()), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1,
                          eos_token_id=2, pad_token_id=0)
-    built = build_tiny(tmp_path, LlamaForCausalLM(config).eval())
+    built = build_tiny(tmp_path, LlamaForCausalLM(config).eval(), routing)
     reference = torch_backend(built)
     prompts, ids = prompts_and_ids(reference[2], ROWS)
     engine = VllmEngine.load(settings_for(built), Metrics(), enforce_eager=True, **ENGINE)
@@ -318,22 +319,6 @@ def test_delta_rule_mixed_pairs_match_torch(built_delta, loop, tmp_path, monkeyp
         engine.llm.shutdown()
     check_parity(engine, reference, prompts, ids, got)
     assert got != torch_tokens(model, tokenizer, prompts, [0] * len(ids))  # the update changes the output
-
-
-def test_delta_rule_llama_matches_torch(tmp_path, loop):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(train_tokenizer()), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
-    built = build_tiny(tmp_path, LlamaForCausalLM(config).eval(), routing="delta")
-    reference = torch_backend(built)
-    prompts, ids = prompts_and_ids(reference[2], ROWS)
-    engine = VllmEngine.load(settings_for(built), Metrics(), enforce_eager=True, **ENGINE)
-    try:
-        got = run(loop, batch(engine, prompts, ids))
-    finally:
-        engine.llm.shutdown()
-    check_parity(engine, reference, prompts, ids, got)
 
 
 def test_pair_id_range_per_rule():
