@@ -48,7 +48,8 @@ def summary(output: Path) -> dict:
 def partition_key(overrides: dict) -> tuple:
     """Variants that agree on these share one scored partition."""
     return tuple(sorted((k, json.dumps(v)) for k, v in overrides.items() if k.startswith("method.")
-                        and k not in ("method.name", "method.routing", "method.lora_rank", "method.lora_alpha")))
+                        and k not in ("method.name", "method.routing", "method.lora_rank", "method.lora_alpha",
+                                      "method.lora_targets")))
 
 
 def markdown(name: str, sweep: dict, results: dict) -> str:

@@ -167,3 +167,12 @@ def test_length_buckets_cut_padding_and_keep_batches_full_and_random():
     assert sorted(r for rows in bucketed for r in rows) == list(range(1000))
     longest = [max(lengths[r] for r in rows) for rows in bucketed[:64]]
     assert longest != sorted(longest)  # batches of one chunk come in random order, not by length
+
+
+def test_lora_targets_choose_the_adapted_modules(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    prepared = prepare(model, MethodConfig(name="lora", lora_targets=["gate_proj", "up_proj", "down_proj"]), None)
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, _, _ in prepared.trainable}
+    assert adapted == {"gate_proj", "up_proj", "down_proj"}
+    with pytest.raises(ValueError, match="none of \\['query'\\] is a module"):
+        prepare(tiny_model("llama", len(tokenizer)), MethodConfig(name="lora", lora_targets=["query"]), None)

@@ -94,6 +94,8 @@ class MethodConfig(Strict):
     few_shot: int = Field(5, ge=1)  # examples from FLORES dev, method few_shot
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
+    # module names LoRA adapts; None: attention and MLP (every family's names, training/methods.py)
+    lora_targets: list[str] | None = None
 
 
 class TrainConfig(Strict):

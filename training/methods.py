@@ -76,9 +76,12 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
     if name == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                   "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj", "c_fc"]
+        targets = method.lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                          "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "c_attn",
+                                          "c_proj", "c_fc"]
         present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        if not present & set(targets):
+            raise ValueError(f"method.lora_targets: none of {targets} is a module of this model")
         config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=0.0,
                             target_modules=[t for t in targets if t in present])
         wrapped = get_peft_model(model, config)
