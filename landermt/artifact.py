@@ -159,9 +159,10 @@ def ffn_weights(model: nn.Module, family: Family, layers: list[int]) -> dict[str
 
 
 def update_weights(modules: list[DeltaFFN], layers: list[int]) -> dict[str, torch.Tensor]:
-    """The update of each DeltaFFN (of `layers`, in order), keyed `layers.i.<module>.<weight|bias>`."""
-    return {f"layers.{i}.{key.replace(':', '.')}": p.detach().cpu().contiguous()
-            for i, module in zip(layers, modules, strict=True) for key, p in module.update.items()}
+    """The dense update of each DeltaFFN (of `layers`, in order), keyed `layers.i.<module>.<weight|bias>`."""
+    with torch.no_grad():
+        return {f"layers.{i}.{key.replace(':', '.')}": p.detach().cpu().contiguous()
+                for i, module in zip(layers, modules, strict=True) for key, p in module.dense_update().items()}
 
 
 def load_update(modules: list[DeltaFFN], layers: list[int], weights: dict[str, torch.Tensor]) -> None:

@@ -70,14 +70,14 @@ def _take_over(routed: nn.Module, ffn: nn.Module, family: Family) -> None:
 
 
 def _replace_ffns(model: nn.Module, family: Family, tables: dict, build) -> list[nn.Module]:
-    """Replace the FFN of each layer in `tables` by `build(ffn, table)`; a layer is patched once."""
+    """Replace the FFN of each layer in `tables` by `build(ffn, table, index)`; a layer is patched once."""
     layers = family.decoder_layers(model)
     routed = []
     for index, table in sorted(tables.items()):
         ffn = layers[index].mlp
         if isinstance(ffn, (RoutedFFN, DeltaFFN)):
             raise ValueError(f"layer {index} is already patched")
-        layers[index].mlp = build(ffn, table)
+        layers[index].mlp = build(ffn, table, index)
         routed.append(layers[index].mlp)
     return routed
 
@@ -139,10 +139,18 @@ class DeltaFFN(nn.Module):
     With Δ = 0 every added term is an exact zero, so each pair's rows equal the base model bit for bit; a
     specific neuron outside a row's pair enters it only multiplied by an exact 0, so its update gets exactly
     zero gradient from that row. Rows with id 0 (and a batch with no ids) run the base FFN itself.
+
+    `rank` r (training only): each neuron's update of a weight is r trained numbers times a fixed random factor,
+    Δ = B·P (up, gate: B [p, r], P [r, d]) or P·B (down: P [d, r], B [r, p]), P drawn once from N(0, 1/r) with
+    `seed` (so a step of lr on B moves each weight by about lr, as a dense update does). Only B trains: a
+    neuron's update is still its own parameters alone, so routing and NeuronAdamW's guarantees hold unchanged.
+    A low-rank update learns far faster than a dense one at the same budget (docs/RESULTS.md, "Dev sweep"),
+    as LoRA does; unlike LoRA's, both factors of a neuron's update belong to that neuron. The artifact stores
+    the dense Δ (`dense_update`), so serving needs no rank.
     """
 
     def __init__(self, ffn: nn.Module, family: Family, general: torch.Tensor, specific: torch.Tensor,
-                 uses: torch.Tensor):
+                 uses: torch.Tensor, rank: int | None = None, seed: int = 0):
         super().__init__()
         _take_over(self, ffn, family)  # `base`, the unpatched MLP, also serves the rows with id 0
         if uses.dim() != 2 or uses.shape[1] != len(specific) or torch.any(uses[0] != 0):
@@ -152,6 +160,9 @@ class DeltaFFN(nn.Module):
         self.register_buffer("specific", specific.to(weight.device), persistent=False)
         self.register_buffer("uses", uses.to(device=weight.device, dtype=weight.dtype), persistent=False)
         self.update = nn.ParameterDict()
+        self._parts = {getattr(family, part): part for part in ("up", "gate", "down") if getattr(family, part)}
+        self.factored: list[str] = []  # rank r: the weights whose update is factored (P in buffer "<name>_factor")
+        generator = torch.Generator().manual_seed(seed)
         for part in ("up", "gate", "down"):
             name = getattr(family, part)
             if name is None:
@@ -159,14 +170,34 @@ class DeltaFFN(nn.Module):
             module = getattr(self, name)
             kinds = ("weight", "bias") if part != "down" and module.bias is not None else ("weight",)
             for kind in kinds:
-                zero = torch.zeros_like(getattr(module, kind))
-                self.update[self.key(name, kind)] = nn.Parameter(zero, requires_grad=False)
+                value = getattr(module, kind)
+                if rank is not None and kind == "weight":
+                    axis = family.neuron_axis(part)
+                    shape = [rank, value.shape[1 - axis]] if axis == 0 else [value.shape[1 - axis], rank]
+                    factor = (torch.randn(shape, generator=generator) / rank**0.5).to(value)
+                    self.register_buffer(f"{name}_factor", factor, persistent=False)
+                    self.factored.append(name)
+                    value = value.new_zeros([value.shape[0], rank] if axis == 0 else [rank, value.shape[1]])
+                self.update[self.key(name, kind)] = nn.Parameter(torch.zeros_like(value), requires_grad=False)
         self._cache: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None
 
     @staticmethod
     def key(module: str, kind: str) -> str:
         """ParameterDict keys cannot hold dots: "up_proj.weight" is stored as "up_proj:weight"."""
         return f"{module}:{kind}"
+
+    def _delta(self, name: str) -> torch.Tensor:
+        """The dense update of `name`'s weight: the parameter itself, or its trained factor times the fixed one."""
+        trained = self.update[self.key(name, "weight")]
+        if name not in self.factored:
+            return trained
+        factor = getattr(self, f"{name}_factor")
+        return trained @ factor if self.family.neuron_axis(self._parts[name]) == 0 else factor @ trained
+
+    def dense_update(self) -> dict[str, torch.Tensor]:
+        """{key: dense Δ} of every updated parameter (what an artifact stores; keys as in `update`)."""
+        return {key: self._delta(key.split(":")[0]) if key.endswith(":weight") else p
+                for key, p in self.update.items()}
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """Per part: the merged weight (and bias) and the specific neurons' update slice. Under no_grad (inference)
@@ -187,7 +218,7 @@ class DeltaFFN(nn.Module):
             module, axis = getattr(self, name), f.neuron_axis(part)
             shape = [1] * module.weight.dim()
             shape[axis] = -1
-            delta = self.update[self.key(name, "weight")]
+            delta = self._delta(name)
             out[f"{name}.weight"] = module.weight + delta * self.general.view(shape)
             out[f"{name}.specific"] = delta.index_select(axis, self.specific)
             if module.bias is not None:
@@ -239,18 +270,19 @@ class DeltaFFN(nn.Module):
         return out
 
 
-def patch_delta(model: nn.Module, family: Family,
-                tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[DeltaFFN]:
+def patch_delta(model: nn.Module, family: Family, tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                rank: int | None = None) -> list[DeltaFFN]:
     """Replace the FFN of each layer in `tables` (layer -> landermt.partition.delta_tables' entry) by a DeltaFFN
-    with a zero update."""
-    return _replace_ffns(model, family, tables, lambda ffn, table: DeltaFFN(ffn, family, *table))
+    with a zero update (of rank `rank` for training: DeltaFFN; its fixed factors seeded by the layer index)."""
+    return _replace_ffns(model, family, tables,
+                         lambda ffn, table, index: DeltaFFN(ffn, family, *table, rank=rank, seed=index))
 
 
 def patch(model: nn.Module, family: Family, tables: dict[int, torch.Tensor]) -> list[RoutedFFN]:
     """Replace the FFN of each layer in `tables` (layer index -> [pairs + 1, p] scale table)."""
     dtype = next(model.parameters()).dtype
 
-    def build(ffn: nn.Module, table: torch.Tensor) -> RoutedFFN:
+    def build(ffn: nn.Module, table: torch.Tensor, index: int) -> RoutedFFN:
         return RoutedFFN(ffn, family, table.to(device=getattr(ffn, family.up).weight.device, dtype=dtype))
 
     return _replace_ffns(model, family, tables, build)

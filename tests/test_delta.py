@@ -1,5 +1,6 @@
-"""The delta rule (landermt.routing.DeltaFFN) on tiny models of every family: the base model exactly before any
-training, a mixed batch equal to each pair alone, each pair's update and nothing else, exact zero gradients."""
+"""The delta rule (landermt.routing.DeltaFFN) on tiny models of every family, with a dense update and a factored
+one (rank r): the base model exactly before any training, a mixed batch equal to each pair alone, each pair's update
+and nothing else, exact zero gradients; a factored update served as the dense one it stands for."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ from landermt.routing import DeltaFFN, patch_delta, route, unpatch
 from tests.test_routing import inputs, logits, random_partition
 
 
-def patched(model, partition) -> list[DeltaFFN]:
-    return patch_delta(model, family_of(model), delta_tables(partition))
+def patched(model, partition, rank: int | None = None) -> list[DeltaFFN]:
+    return patch_delta(model, family_of(model), delta_tables(partition), rank)
+
+
+@pytest.fixture(params=[None, 4], ids=["dense", "rank4"])
+def rank(request) -> int | None:
+    return request.param
 
 
 def random_update(modules: list[DeltaFFN], seed: int = 1, scale: float = 0.5) -> None:
@@ -28,22 +34,22 @@ def all_ids(partition) -> list[int]:
     return list(range(len(partition.pairs) + 1))
 
 
-def test_before_training_every_pair_is_the_base_model_bit_for_bit(family_model, tokenizer):
+def test_before_training_every_pair_is_the_base_model_bit_for_bit(family_model, tokenizer, rank):
     batch = inputs(tokenizer)
     base = logits(family_model, batch)
     partition = random_partition(family_model)
-    patched(family_model, partition)
+    patched(family_model, partition, rank)
     assert torch.equal(logits(family_model, batch), base)  # no ids
     for pair in all_ids(partition):
         assert torch.equal(logits(family_model, batch, torch.full((4,), pair)), base), pair
     assert torch.equal(logits(family_model, batch, torch.tensor([0, 3, 5, 6])), base)
 
 
-def test_mixed_batch_equals_each_pair_alone_and_row_0_is_the_base(family_model, tokenizer):
+def test_mixed_batch_equals_each_pair_alone_and_row_0_is_the_base(family_model, tokenizer, rank):
     batch = inputs(tokenizer)
     base = logits(family_model, batch)
     partition = random_partition(family_model)
-    random_update(patched(family_model, partition))
+    random_update(patched(family_model, partition, rank))
     mixed = torch.tensor([partition.pair_id("en", "de"), partition.pair_id("fr", "zh"), 0,
                           partition.pair_id("de", "en")])
     out = logits(family_model, batch, mixed)
@@ -60,7 +66,7 @@ def test_mixed_batch_equals_each_pair_alone_and_row_0_is_the_base(family_model, 
 def merged_reference(model, partition, modules: list[DeltaFFN], pair: int):
     """What pair `pair` should compute: the plain model with W + Δ on G ∪ S_a ∪ S_b and W elsewhere."""
     family = family_of(model)
-    updates = {index: {k: v.detach().clone() for k, v in m.update.items()} for index, m in zip(
+    updates = {index: {k: v.detach().clone() for k, v in m.dense_update().items()} for index, m in zip(
         sorted(partition.layers), modules, strict=True)}
     unpatch(model, family)
     x, y = partition.pairs[pair - 1]
@@ -78,10 +84,10 @@ def merged_reference(model, partition, modules: list[DeltaFFN], pair: int):
                 param += delta * keep.view(shape)
 
 
-def test_each_pair_adds_its_own_neurons_update_and_other_languages_keep_the_base(family_model, tokenizer):
+def test_each_pair_adds_its_own_neurons_update_and_other_languages_keep_the_base(family_model, tokenizer, rank):
     batch = inputs(tokenizer)
     partition = random_partition(family_model)
-    modules = patched(family_model, partition)
+    modules = patched(family_model, partition, rank)
     random_update(modules, scale=0.05)
     pair = partition.pair_id("de", "zh")
     routed = logits(family_model, batch, torch.full((4,), pair))
@@ -89,10 +95,10 @@ def test_each_pair_adds_its_own_neurons_update_and_other_languages_keep_the_base
     torch.testing.assert_close(routed, logits(family_model, batch), rtol=1e-4, atol=1e-4)
 
 
-def test_outside_its_pair_an_update_gets_exactly_zero_gradient_from_a_row(family_model, tokenizer):
+def test_outside_its_pair_an_update_gets_exactly_zero_gradient_from_a_row(family_model, tokenizer, rank):
     batch = {k: v[:1] for k, v in inputs(tokenizer).items()}
     partition = random_partition(family_model, layers=(1,))
-    [module] = patched(family_model, partition)
+    [module] = patched(family_model, partition, rank)
     random_update([module])
     for p in module.update.values():
         p.requires_grad_(True)
@@ -142,3 +148,23 @@ def test_a_malformed_uses_table_is_refused(tokenizer, bad):
     tables[1] = (general, specific, uses)
     with pytest.raises(ValueError, match="uses must be"):
         patch_delta(model, family_of(model), tables)
+
+
+def test_a_factored_update_serves_as_its_dense_update(family_model, tokenizer):
+    """Training with rank r, then an artifact's dense update (landermt.artifact.update_weights) loaded into a dense
+    DeltaFFN, as serving does: the same outputs for every pair."""
+    from landermt.artifact import load_update, update_weights
+
+    batch = inputs(tokenizer)
+    partition = random_partition(family_model)
+    layers = sorted(partition.layers)
+    factored = patched(family_model, partition, rank=3)
+    random_update(factored, scale=0.05)
+    assert all(m.update[f"{m.family.up}:weight"].shape[-1] == 3 or m.update[f"{m.family.up}:weight"].shape[0] == 3
+               for m in factored)
+    ids = torch.tensor([partition.pair_id("en", "de"), partition.pair_id("fr", "zh"), 0, 2])
+    trained = logits(family_model, batch, ids)
+    dense_update = update_weights(factored, layers)
+    unpatch(family_model, family_of(family_model))
+    load_update(patched(family_model, partition), layers, dense_update)
+    torch.testing.assert_close(logits(family_model, batch, ids), trained, rtol=1e-5, atol=1e-5)

@@ -88,6 +88,9 @@ class MethodConfig(Strict):
     epsilon: float = Field(0.9, ge=0.0, le=1.0)
     car: Literal["paper", "swapped", "off"] = "paper"  # rule mask only: the delta rule scales nothing
     routing: Literal["delta", "mask"] = "delta"  # landermt.routing: route the update (delta) or the neuron (mask)
+    # rule delta: each neuron's update as `update_rank` trained numbers times a fixed random factor
+    # (landermt.routing.DeltaFFN); None: a dense update
+    update_rank: int | None = Field(None, ge=1)
     objective: Literal["lm", "translation"] = "lm"
     detect_samples: int = Field(64, ge=0)  # 0: no layer detection (then `layers` must be given)
     score_samples: int = Field(200, ge=1)

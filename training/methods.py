@@ -93,7 +93,8 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
     if name == "layers":
         params = _ffn_parameters(model, layers)
     elif method.routing == "delta":
-        params = _update_parameters(model, layers, patch_delta(model, family_of(model), delta_tables(partition)))
+        params = _update_parameters(model, layers, patch_delta(model, family_of(model), delta_tables(partition),
+                                                               method.update_rank))
     else:
         params = _ffn_parameters(model, layers)
         patch(model, family_of(model), partition.scale_tables())
