@@ -241,7 +241,37 @@ class DeltaFFN(nn.Module):
     def _specific(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x @ weight if self.family.conv1d else F.linear(x, weight)
 
+    def _factored_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """What `name`'s update adds to its output, x·Δ without forming Δ: two thin matmuls, as LoRA computes."""
+        trained = self.update[self.key(name, "weight")]
+        factor = getattr(self, f"{name}_factor")
+        first, second = (trained, factor) if self.family.neuron_axis(self._parts[name]) == 0 else (factor, trained)
+        if self.family.conv1d:  # weights [in, out]: x·Δ = (x·first)·second
+            return (x @ first) @ second
+        return F.linear(F.linear(x, second), first)  # Δ = first·second [out, in]: x·Δᵀ
+
+    def _routed_factored(self, x: torch.Tensor, uses: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """Training with a factored update: the base projections plus each neuron's update times its weight for
+        the row (1 for general neurons, uses[pair] for specific ones), the update applied to the activations, so
+        no dense Δ or dense weight gradient is formed. Equals `_routed` (tests/test_delta.py)."""
+        f = self.family
+        weight = self.general.expand(*uses.shape[:-1], -1).index_add(-1, self.specific, uses)  # [B, 1 | T, p]
+
+        def pre(name: str) -> torch.Tensor:
+            added = self._factored_delta(name, x)
+            if self.key(name, "bias") in self.update:
+                added = added + self.update[self.key(name, "bias")]
+            return getattr(self, name)(x) + weight * added
+
+        up = pre(f.up)
+        act = getattr(self, f.act)
+        h = act(pre(f.gate)) * up if f.gate else act(up)
+        y = getattr(self, f.down)(h) + self._factored_delta(f.down, weight * h)
+        return f.finish(self, y, *extra)
+
     def _routed(self, x: torch.Tensor, uses: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        if self.factored and torch.is_grad_enabled():
+            return self._routed_factored(x, uses, *extra)
         f, w = self.family, self._weights()
 
         def pre(name: str) -> torch.Tensor:

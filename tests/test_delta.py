@@ -168,3 +168,18 @@ def test_a_factored_update_serves_as_its_dense_update(family_model, tokenizer):
     unpatch(family_model, family_of(family_model))
     load_update(patched(family_model, partition), layers, dense_update)
     torch.testing.assert_close(logits(family_model, batch, ids), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_factored_training_path_equals_the_merged_path(family_model, tokenizer):
+    """With grad enabled a factored update is applied to the activations (no dense Δ); without, through merged
+    weights: the same logits for a mixed batch, row 0 the base."""
+    batch = inputs(tokenizer)
+    base = logits(family_model, batch)
+    partition = random_partition(family_model)
+    random_update(patched(family_model, partition, rank=3), scale=0.05)
+    ids = torch.tensor([partition.pair_id("en", "de"), 0, partition.pair_id("fr", "zh"), 2])
+    merged = logits(family_model, batch, ids)
+    with torch.enable_grad(), route(ids):
+        activations = family_model(**batch).logits.float().detach()
+    torch.testing.assert_close(activations, merged, rtol=1e-4, atol=1e-4)
+    assert torch.equal(activations[1], base[1]) and not torch.allclose(activations[0], base[0])
