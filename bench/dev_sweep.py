@@ -39,7 +39,7 @@ def summary(output: Path) -> dict:
     """What the run's train_log.jsonl says: dev loss per step, the best, s/step, peak memory."""
     log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
     seconds = [b["seconds"] - a["seconds"] for a, b in zip(log, log[1:], strict=False) if "dev_loss" not in b]
-    dev = {entry["step"]: entry["dev_loss"] for entry in log if "dev_loss" in entry}
+    dev = {str(entry["step"]): entry["dev_loss"] for entry in log if "dev_loss" in entry}  # str: as JSON has it
     return {"dev_loss": dev, "best_dev_loss": min(dev.values()), "steps": log[-1]["step"],
             "seconds_per_step": round(statistics.median(seconds), 2) if seconds else None,
             "peak_rss_mib": max(entry["peak_rss_mib"] or 0 for entry in log)}
@@ -50,6 +50,14 @@ def partition_key(overrides: dict) -> tuple:
     return tuple(sorted((k, json.dumps(v)) for k, v in overrides.items() if k.startswith("method.")
                         and k not in ("method.name", "method.routing", "method.lora_rank", "method.lora_alpha",
                                       "method.lora_targets", "method.update_rank")))
+
+
+def span(value: object) -> object:
+    """[0, 1, ..., 17] as "0-17" (layer lists); anything else as it is."""
+    if (isinstance(value, list) and len(value) > 2 and all(isinstance(v, int) for v in value)
+            and value == list(range(value[0], value[-1] + 1))):
+        return f"{value[0]}-{value[-1]}"
+    return value
 
 
 def markdown(name: str, sweep: dict, results: dict) -> str:
@@ -65,7 +73,7 @@ def markdown(name: str, sweep: dict, results: dict) -> str:
         cells = [f"{r['dev_loss'][str(s)]:.3f}" if str(s) in r["dev_loss"] else "" for s in steps]
         if r["best_dev_loss"] == best:
             cells = [f"**{c}**" if c == f"{best:.3f}" else c for c in cells]
-        over = ", ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) or "(none)"
+        over = ", ".join(f"`{k}={span(v)}`" for k, v in r["overrides"].items()) or "(none)"
         lines.append(f"| {variant} | {over} | " + " | ".join(cells)
                      + f" | {r['seconds_per_step']} | {r['peak_rss_mib'] / 1024:.1f} GiB |")
     return "\n".join(lines) + "\n"
@@ -75,13 +83,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML (configs/sweeps/)")
     parser.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    parser.add_argument("--report", action="store_true", help="rewrite the docs section from the results file only")
     args = parser.parse_args()
     path = Path(args.sweep)
     sweep = yaml.safe_load(path.read_text())
     name = path.stem
     results_path = ROOT / "bench" / "results" / f"dev_sweep_{name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    chosen = args.only.split(",") if args.only else list(sweep["variants"])
+    chosen = [] if args.report else args.only.split(",") if args.only else list(sweep["variants"])
     shared: dict[tuple, Path] = {}
     for variant in chosen:
         overrides = {"train.steps": sweep["steps"], "train.eval_every": sweep["eval_every"],
@@ -98,6 +107,7 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         update_section(ROOT / "docs" / "RESULTS.md", f"## Dev sweep ({name})", markdown(name, sweep, results),
                        "Results")
+    update_section(ROOT / "docs" / "RESULTS.md", f"## Dev sweep ({name})", markdown(name, sweep, results), "Results")
     print(markdown(name, sweep, results))
 
 
