@@ -127,9 +127,9 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
         if format == "text":
             return await translate_texts(documents, sources, target)
         parsed = [split_html(document) for document in documents]
-        segments = [(i, text) for i, doc in enumerate(parsed) for text in doc.texts]
+        pieces = [(i, text) for i, doc in enumerate(parsed) for text in doc.texts]
         limit = engine.settings.max_texts
-        chunks = [segments[start : start + limit] for start in range(0, len(segments), limit)]
+        chunks = [pieces[start : start + limit] for start in range(0, len(pieces), limit)]
         translated = await asyncio.gather(*(translate_texts([t for _, t in chunk], [sources[i] for i, _ in chunk],
                                                             target) for chunk in chunks))
         flat = iter([text for chunk in translated for text in chunk])
@@ -207,7 +207,7 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
                               engine.settings.max_file_bytes)
             texts = segments(name, document)
         except FileError as error:
-            raise RequestError(f"invalid request: {error}", 413 if "the limit is" in str(error) else 400) from None
+            raise RequestError(f"invalid request: {error}", error.status) from None
         if not texts:
             raise RequestError(f"invalid request: {name} has no text to translate", 400)
         source = detect(" ".join(texts)[:2000], 0)[0] if body.source == "auto" else body.source
@@ -239,9 +239,7 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
                                f"(GET /jobs/{job})", 409)
         name, document = stored
         results = await asyncio.to_thread(store.results, job)
-        texts = segments(name, document)
-        translated = render(name, document, [line.get("translation", text) for line, text in zip(
-            results, texts, strict=True)])
+        translated = render(name, document, [line.get("translation") for line in results])
         return Response(translated, media_type=MEDIA_TYPES[extension(name)],
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 

@@ -18,7 +18,11 @@ MEDIA_TYPES = {".txt": "text/plain; charset=utf-8", ".html": "text/html; charset
 
 
 class FileError(ValueError):
-    """The upload is not a file this server translates; the message says why."""
+    """The upload is not a file this server translates; the message says why, `status` is the HTTP answer."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 def extension(name: str) -> str:
@@ -33,7 +37,7 @@ def decode(name: str, data: bytes, limit: int) -> str:
     if not data:
         raise FileError(f"{name} is empty")
     if len(data) > limit:
-        raise FileError(f"{name} has {len(data)} bytes; the limit is {limit}")
+        raise FileError(f"{name} has {len(data)} bytes; the limit is {limit}", 413)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -47,10 +51,11 @@ def segments(name: str, document: str) -> list[str]:
     return split_html(document).texts
 
 
-def render(name: str, document: str, translations: list[str]) -> str:
-    """The document with each segment replaced by its translation (`segments` order)."""
+def render(name: str, document: str, translations: list[str | None]) -> str:
+    """The document with each segment replaced by its translation (`segments` order); None keeps the segment."""
     if extension(name) != ".txt":
-        return split_html(document).render(translations)
+        doc = split_html(document)
+        return doc.render([t if t is not None else text for t, text in zip(translations, doc.texts, strict=True)])
     given = iter(translations)
     lines = document.splitlines(keepends=True)
     out = []
@@ -59,7 +64,8 @@ def render(name: str, document: str, translations: list[str]) -> str:
         core = body.strip()
         if core:
             start = body.index(core)
-            body = body[:start] + next(given) + body[start + len(core):]
+            translation = next(given)
+            body = body[:start] + (core if translation is None else translation) + body[start + len(core):]
         out.append(body + line[len(line.rstrip("\r\n")):])
     return "".join(out)
 
