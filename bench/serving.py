@@ -48,6 +48,7 @@ from server.engine import Engine
 from server.jobs import JobStore
 from server.metrics import Metrics
 from server.settings import Settings
+from server.torch_backend import TorchBackend
 from training.data import flores
 from training.finetune import peak_rss_mib
 
@@ -112,6 +113,13 @@ async def load(base: str, items: list[tuple[str, str, str]], concurrency: int) -
             "sentences_per_s": round(len(items) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
             "p50_s": round(statistics.median(latencies), 3),
             "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)}
+
+
+def torch_engine(model, tokenizer, artifact, settings: Settings) -> Engine:
+    """The server's engine over the torch backend, on an already loaded (and patched or unpatched) model."""
+    metrics = Metrics()
+    backend = TorchBackend(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), True, settings, metrics)
+    return Engine(backend, tokenizer, artifact, settings, metrics)
 
 
 def serve_and_load(engine: Engine, items: list[tuple[str, str, str]], sentences: int,
@@ -185,13 +193,13 @@ def main() -> None:
     forward = {"routed mixed pairs": fixed_generation_seconds(model, tokenizer, prompts, pair_ids),
                "routed single pair": fixed_generation_seconds(model, tokenizer, prompts, [pair_ids[0]] * BATCH)}
     print("load: routed", flush=True)
-    routed = serve_and_load(Engine(model, tokenizer, artifact, settings, Metrics()), items, args.sentences)
+    routed = serve_and_load(torch_engine(model, tokenizer, artifact, settings), items, args.sentences)
     rss_served = peak_rss_mib()
 
     unpatch(model, family)  # the same weights, plain FFN: what routing costs
     forward["unpatched"] = fixed_generation_seconds(model, tokenizer, prompts, None)
     print("load: routing off", flush=True)
-    plain = serve_and_load(Engine(model, tokenizer, artifact, settings, Metrics()), items, args.sentences)
+    plain = serve_and_load(torch_engine(model, tokenizer, artifact, settings), items, args.sentences)
     print("naive baseline", flush=True)
     baseline = naive(model, tokenizer, template, items[: max(8, args.sentences // 4)])
 

@@ -27,6 +27,25 @@ CAR_MODES: tuple[str, ...] = ("paper", "swapped", "off")
 GENERAL = -1  # `specific` value of a language-general neuron
 
 
+class UnsupportedLanguage(KeyError):
+    """A language code outside the ones served (an artifact's, or the base model's few-shot ones)."""
+
+    def __init__(self, code: str, languages: list[str] | tuple[str, ...]):
+        super().__init__(f"unsupported language {code!r}; supported: {', '.join(languages)}")
+        self.code, self.languages = code, list(languages)
+
+    def __str__(self) -> str:  # the message itself, not KeyError's quoted repr
+        return self.args[0]
+
+
+def check_pair(languages: list[str] | tuple[str, ...], source: str, target: str) -> None:
+    """The one rule for a language pair: both codes among `languages` (callers decide what source = target means:
+    the server returns the text, a partition has no such pair)."""
+    for code in (source, target):
+        if code not in languages:
+            raise UnsupportedLanguage(code, languages)
+
+
 @dataclass(frozen=True)
 class LayerPartition:
     """One layer: `phi` [languages, p] float32; `specific` [p] int64, the language index of each
@@ -98,9 +117,7 @@ class Partition:
         return list(itertools.combinations(self.languages, 2))
 
     def pair_id(self, source: str, target: str) -> int:
-        for code in (source, target):
-            if code not in self.languages:
-                raise KeyError(f"unknown language {code!r}; known: {', '.join(self.languages)}")
+        check_pair(self.languages, source, target)
         if source == target:
             raise ValueError(f"source and target are both {source!r}")
         a, b = sorted((self.languages.index(source), self.languages.index(target)))

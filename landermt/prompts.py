@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,40 @@ def render_prompt(template: str, source_lang: str, target_lang: str, source: str
 def few_shot_prefix(template: str, source_lang: str, target_lang: str, shots: list[tuple[str, str]]) -> str:
     """Worked examples, each the template followed by its reference, separated by blank lines."""
     return "".join(f"{render_prompt(template, source_lang, target_lang, s)} {t}\n\n" for s, t in shots)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A text's prompt as the model reads it, and the text's own token count (limits, the new-token budget)."""
+
+    ids: list[int]
+    source_tokens: int
+
+
+def new_token_budget(source_tokens: int, cap: int) -> int:
+    """At most 2 × the source's tokens + 16 new tokens (a translation that runs on stops there), and `cap`."""
+    return min(cap, 2 * source_tokens + 16)
+
+
+class PromptEncoder:
+    """Prompts for the server and the evaluation alike: each text is tokenised once, inside its whole prompt
+    (few-shot prefix + template), exactly as training tokenises prompts. The text's own token count is the
+    prompt's minus the pair's fixed part, measured once per pair (±1 where a token spans the text's edge)."""
+
+    def __init__(self, tokenizer, template: str,
+                 shots: Callable[[str, str], list[tuple[str, str]]] = lambda source, target: []):
+        self.tokenizer, self.template, self.shots = tokenizer, template, shots
+        self._fixed: dict[tuple[str, str], int] = {}
+
+    def text(self, source: str, target: str, text: str) -> str:
+        prefix = few_shot_prefix(self.template, source, target, self.shots(source, target))
+        return prefix + render_prompt(self.template, source, target, text)
+
+    def encode(self, source: str, target: str, text: str) -> Prompt:
+        ids = self.tokenizer(self.text(source, target, text)).input_ids
+        if (source, target) not in self._fixed:
+            self._fixed[source, target] = len(self.tokenizer(self.text(source, target, "")).input_ids)
+        return Prompt(ids, max(1, len(ids) - self._fixed[source, target]))
 
 
 @dataclass(frozen=True)

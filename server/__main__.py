@@ -23,12 +23,7 @@ def main(argv: list[str] | None = None) -> None:
             ApiKeys.load(settings.api_keys)
         except KeysFileError as error:
             raise SystemExit(f"error: {error}") from None
-    if settings.backend == "vllm":
-        from server.vllm_engine import VllmEngine  # imports vLLM: only when asked for
-
-        engine = VllmEngine.load(settings, Metrics())
-    else:
-        engine = Engine.load(settings, Metrics())
+    engine = Engine.load(settings, Metrics())
     app = create_app(engine, JobStore(settings.jobs_db))
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=30)
 

@@ -1,20 +1,16 @@
-"""The torch engine: one base model, rows of different language pairs batched into one forward.
+"""The serving front end: one place for what every request goes through, whichever backend generates.
 
-Requests are split into rows (one per text) and queued by priority (interactive before job lines).
-A scheduler task runs continuous batching (landermt.decode): between decode steps it admits
-waiting rows of *any* pair into the running batch, up to `max_batch_size` rows; when idle it waits
-for the first row and gathers more for up to `max_wait_ms`. Each step (prefill of the admitted
-rows, then one decode step for all rows with per-row pair ids) runs on a dedicated worker thread;
-a row's future resolves as soon as its translation ends, and a request returns when all of its
-rows are done. No request waits for another pair's batch or for longer translations to finish.
+`Engine` checks requests (languages, texts, limits), normalises language tags, builds and tokenises
+prompts (each text once, landermt.prompts.PromptEncoder), queues rows by priority (interactive
+before job lines), keeps the metrics and resolves each row's future. Generation is a `Backend`'s:
+the torch engine (server/torch_backend.py: continuous batching of routed rows) or vLLM
+(server/vllm_backend.py). A backend takes rows through `submit` and reports each finished row through
+the `done` callback it was started with; the front end submits a row only when the backend has a free
+slot, so the priority queue here decides which row runs next. This is the shape of vLLM's serving
+layer over its engine client: neither backend knows about HTTP, prompts or other backends.
 
-Threads: the tokenizer is used on the event-loop thread only (prompts are tokenised on arrival,
-finished rows decoded there); the worker thread sees token ids and the model, nothing else (a fast
-tokenizer's padding settings are state shared by its callers, see landermt.decode).
-
-Failures: if a step fails, its rows are run again one at a time on the worker, each in a batch of
-its own; a row that fails alone fails its request (a 500 with the request id, one log line), every
-other row is answered as if nothing had happened (greedy outputs do not depend on the batch).
+A request is split into rows (one per text); it returns when all of its rows are done. A row that fails
+in the backend fails its request (a 500 naming the request id, one log line); other rows go on.
 """
 
 from __future__ import annotations
@@ -23,15 +19,15 @@ import asyncio
 import itertools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from landermt.artifact import Artifact, load_artifact
-from landermt.decode import Request, RunningBatch
-from landermt.generate import Generation, decoded, stop_token_ids
-from landermt.models import load_model, resolve_dtype
-from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, few_shot_prefix, render_prompt
+from landermt.generate import Generation, decoded
+from landermt.partition import UnsupportedLanguage, check_pair
+from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, PromptEncoder, new_token_budget
 from server.languages import normalise
 from server.metrics import Metrics
 from server.settings import Settings
@@ -48,6 +44,10 @@ FEW_SHOT = {
 }
 
 
+def few_shot_examples(source: str, target: str) -> list[tuple[str, str]]:
+    return list(zip(FEW_SHOT[source], FEW_SHOT[target], strict=True))
+
+
 class RequestError(ValueError):
     """A request the engine cannot serve; `status` is the HTTP code, `supported` the known languages."""
 
@@ -57,7 +57,7 @@ class RequestError(ValueError):
 
 
 class EngineError(RuntimeError):
-    """A row that failed inside the engine (logged with its request id); the HTTP answer is a JSON 500."""
+    """A row that failed inside the backend (logged with its request id); the HTTP answer is a JSON 500."""
 
     def __init__(self, request_id: str):
         super().__init__(f"internal error: the translation failed (request id {request_id})")
@@ -65,7 +65,7 @@ class EngineError(RuntimeError):
 
 
 # The id of the HTTP request (or job line) being served: set by the app's middleware and the job runner,
-# carried by every row into the engine's log lines.
+# carried by every row into the log lines.
 REQUEST_ID: ContextVar[str] = ContextVar("landermt_request_id", default="-")
 log = logging.getLogger("landermt.engine")
 
@@ -74,6 +74,9 @@ INTERACTIVE, BACKGROUND = 0, 1  # queue priorities: interactive requests go befo
 
 @dataclass(order=True)
 class Row:
+    """One text to translate, as a backend sees it: token ids, the pair id that routes it (None: no
+    routing) and its new-token budget. `first_token_at` is set by the backend (time-to-first-token)."""
+
     priority: int
     sequence: int
     prompt_ids: list[int] = field(compare=False)
@@ -88,184 +91,156 @@ class Row:
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def abandoned(self) -> bool:
+        """The client went away: a backend may skip the row."""
+        return self.future.done()
+
+
+Done = Callable[[Row, "list[int] | Exception"], None]
+
+
+class Backend(Protocol):
+    """What generates: rows in (`submit`), each row's generated ids (up to and including the token that
+    stopped it) or its error out, through `done`, on the event loop's thread."""
+
+    slots: int  # rows it runs at once; the front end never submits more
+
+    def start(self, done: Done) -> None: ...
+
+    def submit(self, row: Row) -> None: ...
+
+    def __len__(self) -> int: ...  # rows submitted and not yet done
+
+    async def stop(self) -> None: ...  # after the front end has drained: release threads, processes
+
+    @property
+    def ready(self) -> bool: ...
+
 
 class Engine:
-    def __init__(self, model, tokenizer, artifact: Artifact | None, settings: Settings, metrics: Metrics,
-                 model_name: str = ""):
-        self.model, self.tokenizer, self.artifact = model, tokenizer, artifact
+    def __init__(self, backend: Backend, tokenizer, artifact: Artifact | None, settings: Settings,
+                 metrics: Metrics, model_name: str = ""):
+        self.backend, self.tokenizer, self.artifact = backend, tokenizer, artifact
         self.settings, self.metrics, self.model_name = settings, metrics, model_name
         self.languages = list(artifact.manifest.languages) if artifact else sorted(FEW_SHOT)
-        self.template = artifact.manifest.prompt_template if artifact else DEFAULT_TEMPLATE
+        template = artifact.manifest.prompt_template if artifact else DEFAULT_TEMPLATE
+        self.prompts = PromptEncoder(tokenizer, template, (lambda s, t: []) if artifact else few_shot_examples)
         self.queue: asyncio.PriorityQueue[Row] = asyncio.PriorityQueue()
         self.sequence = itertools.count()
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
-        self.scheduler: asyncio.Task | None = None
-        self.stop_ids = stop_token_ids(tokenizer)  # scans the vocabulary once, here rather than in a request
-        self.running = self._new_batch()
-
-    def _new_batch(self) -> RunningBatch:
-        """The running batch of continuous batching (another backend supplies its own)."""
-        return RunningBatch(self.model, self.tokenizer.pad_token_id, self.stop_ids, routed=self.artifact is not None)
+        self.free: asyncio.Semaphore | None = None  # the backend's free slots (made on the running loop)
+        self.dispatcher: asyncio.Task | None = None
 
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics) -> Engine:
+    def load(cls, settings: Settings, metrics: Metrics, **backend_options) -> Engine:
+        """The model, artifact and backend `settings` name; `backend_options` go to the backend's loader
+        (vLLM: further engine arguments)."""
         artifact = load_artifact(settings.artifact) if settings.artifact else None
-        model, tokenizer = load_model(settings.model, artifact.dtype if artifact else resolve_dtype(settings.dtype))
-        if artifact is not None:
-            artifact.apply(model)
-        return cls(model, tokenizer, artifact, settings, metrics, settings.model or "gemma-3-270m (default)")
+        if settings.backend == "vllm":
+            from server.vllm_backend import VllmBackend  # imports vLLM: only when asked for
+
+            backend, tokenizer = VllmBackend.load(settings, artifact, metrics, **backend_options)
+        else:
+            from server.torch_backend import TorchBackend
+
+            backend, tokenizer = TorchBackend.load(settings, artifact, metrics)
+        return cls(backend, tokenizer, artifact, settings, metrics, settings.model or "gemma-3-270m (default)")
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        self.scheduler = asyncio.get_running_loop().create_task(self._schedule())
+        self.free = asyncio.Semaphore(self.backend.slots)
+        self.backend.start(self._done)
+        self.dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
     async def stop(self) -> None:
         """Finish every queued and running row, then stop."""
-        while not self.queue.empty() or len(self.running):
+        while not self.queue.empty() or len(self.backend):
             await asyncio.sleep(0.01)
-        if self.scheduler:
-            self.scheduler.cancel()
-        self.worker.shutdown(wait=True)
+        if self.dispatcher:
+            self.dispatcher.cancel()
+        await self.backend.stop()
 
     @property
     def ready(self) -> bool:
-        return self.scheduler is not None and not self.scheduler.done()
+        return self.dispatcher is not None and not self.dispatcher.done() and self.backend.ready
 
     # --- requests ------------------------------------------------------------------------------
     def check_pair(self, source: str, target: str) -> None:
         """Both languages served (source = target is allowed: the text comes back unchanged, as LibreTranslate
         does)."""
-        for code in (source, target):
-            if code not in self.languages:
-                raise RequestError(f"unsupported language {code!r}", 400, self.languages)
+        try:
+            check_pair(self.languages, source, target)
+        except UnsupportedLanguage as error:
+            raise RequestError(f"unsupported language {error.code!r}", 400, self.languages) from None
 
-    def prompt(self, source: str, target: str, text: str) -> str:
-        shots = [] if self.artifact else list(zip(FEW_SHOT[source], FEW_SHOT[target], strict=True))
-        prefix = few_shot_prefix(self.template, source, target, shots)
-        return prefix + render_prompt(self.template, source, target, text)
-
-    def check_texts(self, texts: list[str]) -> list[int]:
-        """Token counts of `texts`; raises RequestError for empty, too many or too long texts."""
+    def check_texts(self, texts: list[str]) -> None:
+        """Raises RequestError for no texts, too many, an empty or a too long one (characters; tokens are
+        counted when the prompt is built, `encode`)."""
         s = self.settings
         if not texts:
             raise RequestError("no text to translate", 400)
         if len(texts) > s.max_texts:
             raise RequestError(f"{len(texts)} texts in one request; the limit is {s.max_texts}", 413)
-        lengths = []
         for index, text in enumerate(texts):
             if not text.strip():
                 raise RequestError(f"text {index} is empty", 400)
             if len(text) > s.max_chars:
                 raise RequestError(f"text {index} has {len(text)} characters; the limit is {s.max_chars}", 413)
-            lengths.append(len(self.tokenizer(text, add_special_tokens=False).input_ids))
-            if lengths[-1] > s.max_tokens:
-                raise RequestError(f"text {index} has {lengths[-1]} tokens; the limit is {s.max_tokens}", 413)
-        return lengths
+
+    def encode(self, texts: list[str], source: str, target: str) -> list[tuple[list[int], int]]:
+        """Per text: its prompt's token ids and its new-token budget; each text is tokenised once, here.
+        Raises RequestError for a text over the token limit."""
+        encoded = []
+        for index, text in enumerate(texts):
+            prompt = self.prompts.encode(source, target, text)
+            if prompt.source_tokens > self.settings.max_tokens:
+                raise RequestError(f"text {index} has {prompt.source_tokens} tokens; the limit is "
+                                   f"{self.settings.max_tokens}", 413)
+            encoded.append((prompt.ids, new_token_budget(prompt.source_tokens, self.settings.max_new_tokens)))
+        return encoded
 
     def line_problem(self, text: str, source: str, target: str) -> str | None:
         """Why a job line cannot be translated, or None (tags are normalised first)."""
         try:
-            self.check_pair(normalise(source), normalise(target))
+            source, target = normalise(source), normalise(target)
+            self.check_pair(source, target)
             self.check_texts([text])
+            self.encode([text], source, target)
         except RequestError as error:
             return str(error).replace("text 0 ", "text ")
         return None
 
     async def translate(self, texts: list[str], source: str, target: str, priority: int = INTERACTIVE) -> list[str]:
         self.check_pair(source, target)
-        lengths = self.check_texts(texts)
+        self.check_texts(texts)
         if source == target:
             return list(texts)
-        s = self.settings
+        encoded = self.encode(texts, source, target)
         pair_id = self.artifact.partition.pair_id(source, target) if self.artifact else None
         loop = asyncio.get_running_loop()
-        prompt_ids = [self.tokenizer(self.prompt(source, target, text)).input_ids for text in texts]
-        rows = [Row(priority, next(self.sequence), ids, pair_id, f"{source}-{target}",
-                    min(s.max_new_tokens, 2 * n + 16), loop.create_future())
-                for ids, n in zip(prompt_ids, lengths, strict=True)]
+        rows = [Row(priority, next(self.sequence), ids, pair_id, f"{source}-{target}", budget, loop.create_future())
+                for ids, budget in encoded]
         for row in rows:
             self.queue.put_nowait(row)
         self.metrics.queued.set(self.queue.qsize())
         return list(await asyncio.gather(*(row.future for row in rows)))
 
-    # --- scheduling ----------------------------------------------------------------------------
-    async def _first_rows(self) -> list[Row]:
-        """Idle: wait for a row, then gather more for up to `max_wait_ms` (a fuller first step)."""
-        rows = [await self.queue.get()]
-        deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-        while len(rows) < self.settings.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
-            try:
-                rows.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
-                break
-        return rows
-
-    def _waiting_rows(self, room: int) -> list[Row]:
-        """Running: whatever is queued now, up to `room` rows, without waiting."""
-        rows = []
-        while len(rows) < room and not self.queue.empty():
-            rows.append(self.queue.get_nowait())
-        return rows
-
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
+    # --- dispatch ------------------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        """Hand the best queued row to the backend whenever it has a free slot."""
         while True:
-            if len(self.running):
-                candidates = self._waiting_rows(self.settings.max_batch_size - len(self.running))
-            else:
-                candidates = await self._first_rows()
-            admitted = [row for row in candidates if self.running.can_admit(row.prompt_tokens)]
-            for row in candidates:
-                if row not in admitted:  # too long to join this batch: it goes first once the batch drains
-                    self.queue.put_nowait(row)
+            await self.free.acquire()
+            row = await self.queue.get()
             self.metrics.queued.set(self.queue.qsize())
-            started = time.monotonic()
-            for row in admitted:
-                self.metrics.queue_seconds.observe(started - row.queued_at)
-            try:
-                finished = await loop.run_in_executor(self.worker, self._step, admitted)
-                self.metrics.batch_seconds.observe(time.monotonic() - started)
-            except Exception as error:  # find the rows that caused it: run each alone
-                suspects = list({id(row): row for row in [*admitted, *(r.key for r in self.running.rows)]}.values())
-                self.running = self._new_batch()
-                log.warning("engine step failed (%s: %s); running its %d rows one at a time",
-                            type(error).__name__, error, len(suspects))
-                finished = await loop.run_in_executor(self.worker, self._each_alone, suspects)
-            for row, outcome in finished:
-                if isinstance(outcome, Exception):
-                    self._fail(row, outcome)
-                else:
-                    self._finish(row, decoded(self.tokenizer, row.prompt_tokens, outcome))
+            self.metrics.queue_seconds.observe(time.monotonic() - row.queued_at)
+            self.backend.submit(row)
 
-    def _step(self, admitted: list[Row]) -> list[tuple[Row, list[int]]]:
-        """Worker thread: admit (prefill) new rows, then one decode step for the whole running batch;
-        returns the rows that finished with their generated ids."""
-        finished = self.running.admit([Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens)
-                                       for row in admitted]) if admitted else []
-        now = time.monotonic()
-        for row in admitted:
-            self.metrics.first_token_seconds.observe(now - row.queued_at)
-        if len(self.running):
-            self.metrics.batch_size.observe(len(self.running))
-            finished += self.running.decode()
-        return [(request.key, request.new) for request in finished]
-
-    def _each_alone(self, rows: list[Row]) -> list[tuple[Row, list[int] | Exception]]:
-        """Worker thread, after a failed step: every row from the start in a batch of its own; the ids it
-        generates, or the error it fails with."""
-        outcomes = []
-        for row in rows:
-            if row.future.done():  # the client went away
-                continue
-            batch, request = self._new_batch(), Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens)
-            try:
-                batch.admit([request])
-                while len(batch):
-                    batch.decode()
-                outcomes.append((row, request.new))
-            except Exception as error:
-                outcomes.append((row, error))
-        return outcomes
+    def _done(self, row: Row, outcome: list[int] | Exception) -> None:
+        self.free.release()
+        if isinstance(outcome, Exception):
+            self._fail(row, outcome)
+        else:
+            self._finish(row, decoded(self.tokenizer, row.prompt_tokens, outcome))
 
     def _finish(self, row: Row, generation: Generation) -> None:
         self.metrics.translations.labels(row.pair).inc()

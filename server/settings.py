@@ -14,7 +14,7 @@ class Settings:
     model: str | None = None  # base model directory; None: the default Gemma 3 270M
     host: str = "127.0.0.1"
     port: int = 8000
-    backend: str = "torch"  # "torch" (server/engine.py) or "vllm" (server/vllm_engine.py, needs landermt[vllm])
+    backend: str = "torch"  # "torch" (server/torch_backend.py) or "vllm" (server/vllm_backend.py, needs landermt[vllm])
     tensor_parallel_size: int = 1  # vllm backend: GPUs the model is split over
     gpu_memory_utilization: float = 0.9  # vllm backend: memory share for weights + KV cache (CPU: of RAM)
     dtype: str = "auto"  # base-model mode (an artifact brings its own): auto, bfloat16 or float32

@@ -49,7 +49,7 @@ def test_pairs_are_all_language_combinations_in_either_direction():
     assert partition.pair_id("de", "fr") == partition.pair_id("fr", "de") > 0  # never trained together
     ids = {partition.pair_id(a, b) for a in LANGS for b in LANGS if a != b}
     assert ids == set(range(1, 16))
-    with pytest.raises(KeyError, match="unknown language 'xx'"):
+    with pytest.raises(KeyError, match="unsupported language 'xx'"):
         partition.pair_id("en", "xx")
     with pytest.raises(ValueError, match="both 'en'"):
         partition.pair_id("en", "en")

@@ -92,7 +92,7 @@ def poisoned(base_engine):
         if ids is not None and bool((ids == poison_id).any()):
             raise RuntimeError("injected fault")
 
-    handle = base_engine.model.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = base_engine.backend.model.register_forward_pre_hook(hook, with_kwargs=True)
     yield poison_id
     handle.remove()
 
@@ -128,7 +128,7 @@ def test_a_transient_decode_failure_retries_every_row(base_server, base_engine):
             if calls["decode"] == 3:
                 raise RuntimeError("transient fault")
 
-    handle = base_engine.model.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = base_engine.backend.model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         responses = asyncio.run(post_all(base_server, bodies, concurrency=len(bodies)))
     finally:
@@ -162,7 +162,7 @@ def test_every_response_carries_a_request_id(base_server):
 
 def test_the_worker_thread_never_sees_the_tokenizer(base_engine):
     """The race is gone by construction: the running batch (worker thread) holds token ids, not a tokenizer."""
-    batch = base_engine.running
+    batch = base_engine.backend.running
     assert not any(isinstance(value, type(base_engine.tokenizer)) for value in vars(batch).values())
     assert all(isinstance(t, torch.Tensor) or t is None for t in (batch.ids, batch.mask))
 

@@ -1,4 +1,4 @@
-"""The vLLM backend (landermt/vllm, server/vllm_engine.py) against the torch backend, on a real vLLM engine.
+"""The vLLM backend (landermt/vllm, server/vllm_backend.py) against the torch backend, on a real vLLM engine.
 
 A tiny random Gemma 3 (head_dim 32: the CPU attention backend has no kernel for 16), and a tiny Llama, get an
 artifact built by landermt.build on two of their layers, with perturbed FFN weights, so routing and the
@@ -44,10 +44,10 @@ from landermt.routing import route
 from landermt.vllm import PAIR_ID_KEY, cache_salt
 from landermt.vllm.runner import request_pair_id
 from server.app import create_app
+from server.engine import Engine
 from server.jobs import JobStore
 from server.metrics import Metrics
 from server.settings import Settings
-from server.vllm_engine import VllmEngine
 from tests.conftest import PARALLEL, train_tokenizer, write_corpora
 from training.config import TinyModelConfig
 from training.tiny import tiny_gemma
@@ -145,26 +145,26 @@ def torch_tokens(model, tokenizer, prompts: list[str], ids: list[int]) -> list[l
     return [row[: next((n + 1 for n, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
-async def vllm_tokens(engine: VllmEngine, prompt: str, pair_id: int, salt_of: int | None = None):
+async def vllm_tokens(engine: Engine, prompt: str, pair_id: int, salt_of: int | None = None):
     """(generated ids, prompt tokens served from the prefix cache) of one request built by the engine;
     `salt_of` replaces its cache salt by another pair's."""
-    tokens, params = engine.request(engine.tokenizer(prompt).input_ids, pair_id, MAX_NEW)
+    tokens, params = engine.backend.request(engine.tokenizer(prompt).input_ids, pair_id, MAX_NEW)
     if salt_of is not None:
         tokens["cache_salt"] = cache_salt(salt_of)
     generated, cached = [], None
-    async for output in engine.llm.generate(tokens, params, request_id=f"test-{next(REQUESTS)}"):
+    async for output in engine.backend.llm.generate(tokens, params, request_id=f"test-{next(REQUESTS)}"):
         generated += output.outputs[0].token_ids
         cached = output.num_cached_tokens
     return generated, cached
 
 
-async def batch(engine: VllmEngine, prompts: list[str], ids: list[int]) -> list[list[int]]:
+async def batch(engine: Engine, prompts: list[str], ids: list[int]) -> list[list[int]]:
     """All prompts submitted at once: vLLM schedules them into the same steps."""
     results = await asyncio.gather(*(vllm_tokens(engine, p, i) for p, i in zip(prompts, ids, strict=True)))
     return [generated for generated, _ in results]
 
 
-def check_parity(engine: VllmEngine, reference, prompts: list[str], ids: list[int], got: list[list[int]]) -> None:
+def check_parity(engine: Engine, reference, prompts: list[str], ids: list[int], got: list[list[int]]) -> None:
     """Token ids equal the torch backend's, and so do the engine's results (text, prompt and new tokens)."""
     model, tokenizer, _ = reference
     assert got == torch_tokens(model, tokenizer, prompts, ids)
@@ -179,8 +179,8 @@ def eager(built, loop, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = settings_for(built, port=port, max_texts=8, max_chars=400)
-    engine = VllmEngine.load(settings, Metrics(), enforce_eager=True, max_num_batched_tokens=32, **ENGINE)
+    settings = settings_for(built, port=port, max_texts=8, max_chars=400, backend="vllm")
+    engine = Engine.load(settings, Metrics(), enforce_eager=True, max_num_batched_tokens=32, **ENGINE)
     store = JobStore(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3")
     server = uvicorn.Server(uvicorn.Config(create_app(engine, store), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -227,13 +227,13 @@ def test_cache_salt_and_pair_id_on_every_request(eager, reference, loop):
     engine, url = eager
     model, tokenizer, artifact = reference
     sent = []
-    generate = engine.llm.generate
+    generate = engine.backend.llm.generate
 
     def recording(prompt, params, **kwargs):  # pass-through: the real engine still generates
         sent.append((prompt, params))
         return generate(prompt, params, **kwargs)
 
-    engine.llm.generate = recording
+    engine.backend.llm.generate = recording
     try:
         async def translate_all():
             async with httpx.AsyncClient(timeout=60) as client:
@@ -252,7 +252,7 @@ def test_cache_salt_and_pair_id_on_every_request(eager, reference, loop):
             time.sleep(0.2)
         results = httpx.get(f"{url}/jobs/{job.json()['id']}/results", timeout=10).text
     finally:
-        engine.llm.generate = generate
+        engine.backend.llm.generate = generate
     prompts, ids = prompts_and_ids(artifact, ROWS)
     assert texts == [g.text for g in greedy(model, tokenizer, prompts, ids, MAX_NEW)]
     assert [json.loads(line)["translation"] for line in results.splitlines()] == texts[:3]
@@ -269,11 +269,11 @@ def test_compiled_matches_torch(built, reference, loop, tmp_path, monkeypatch):
     """vLLM's default CPU mode: the routed model torch.compiled (inductor) with pair_ids a dynamic input."""
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))  # a fresh compile cache: the model is compiled here
     prompts, ids = prompts_and_ids(reference[2], ROWS)
-    engine = VllmEngine.load(settings_for(built), Metrics(), **ENGINE)
+    engine = Engine.load(settings_for(built, backend="vllm"), Metrics(), **ENGINE)
     try:
         got = run(loop, batch(engine, prompts, ids), timeout=300)
     finally:
-        engine.llm.shutdown()
+        engine.backend.llm.shutdown()
     check_parity(engine, reference, prompts, ids, got)
     assert list((tmp_path / "torch_compile_cache").rglob("*.so")), "the model was not compiled"
 
@@ -288,11 +288,11 @@ def test_llama_mixed_pairs_match_torch(tmp_path, loop, routing):
     built = build_tiny(tmp_path, LlamaForCausalLM(config).eval(), routing)
     reference = torch_backend(built)
     prompts, ids = prompts_and_ids(reference[2], ROWS)
-    engine = VllmEngine.load(settings_for(built), Metrics(), enforce_eager=True, **ENGINE)
+    engine = Engine.load(settings_for(built, backend="vllm"), Metrics(), enforce_eager=True, **ENGINE)
     try:
         got = run(loop, batch(engine, prompts, ids))
     finally:
-        engine.llm.shutdown()
+        engine.backend.llm.shutdown()
     check_parity(engine, reference, prompts, ids, got)
 
 
@@ -312,11 +312,11 @@ def test_delta_rule_mixed_pairs_match_torch(built_delta, loop, tmp_path, monkeyp
     assert artifact.manifest.routing == "delta"
     prompts, ids = prompts_and_ids(artifact, ROWS)
     options = dict(enforce_eager=True, max_num_batched_tokens=32) if eager else {}
-    engine = VllmEngine.load(settings_for(built_delta), Metrics(), **options, **ENGINE)
+    engine = Engine.load(settings_for(built_delta, backend="vllm"), Metrics(), **options, **ENGINE)
     try:
         got = run(loop, batch(engine, prompts, ids), timeout=300)
     finally:
-        engine.llm.shutdown()
+        engine.backend.llm.shutdown()
     check_parity(engine, reference, prompts, ids, got)
     assert got != torch_tokens(model, tokenizer, prompts, [0] * len(ids))  # the update changes the output
 

@@ -35,7 +35,7 @@ from landermt.generate import decoded, stop_token_ids
 from landermt.langid import off_target_rate
 from landermt.loss import target_loss
 from landermt.models import load_model
-from landermt.prompts import IGNORE, batches, few_shot_prefix, render_prompt, text_example
+from landermt.prompts import IGNORE, PromptEncoder, batches, new_token_budget, text_example
 from landermt.routing import route
 from training.config import DataConfig
 from training.data import TESTSETS, evaluation_set
@@ -58,13 +58,15 @@ def translate_all(model, tokenizer, template: str, sentences: list[Sentence], ba
                   max_new_tokens: int = 256, desc: str = "translate") -> list[str]:
     """Greedy on the continuous-batching decoder (landermt.decode, the server's code path), every direction in
     one stream: up to `batch_size` rows at once, of any pairs, a finished row's place taken by the next sentence
-    at the next step; each row at most 2 × its source tokens + 16 new tokens (the server's cap). Longest
-    prompts go first, so rows of similar length share the batch. Each output equals that sentence alone."""
-    requests = [Request(i, tokenizer(few_shot_prefix(template, s.source_lang, s.target_lang, list(s.shots))
-                                     + render_prompt(template, s.source_lang, s.target_lang, s.text)).input_ids,
-                        s.pair_id, min(max_new_tokens, 2 * len(tokenizer(s.text, add_special_tokens=False).input_ids)
-                                       + 16))
-                for i, s in enumerate(sentences)]
+    at the next step; prompts and each row's new-token budget as the server makes them (PromptEncoder,
+    new_token_budget). Longest prompts go first, so rows of similar length share the batch. Each output equals
+    that sentence alone."""
+    shots = {(s.source_lang, s.target_lang): list(s.shots) for s in sentences}
+    prompts = PromptEncoder(tokenizer, template, lambda source, target: shots[source, target])
+    requests = []
+    for i, s in enumerate(sentences):
+        prompt = prompts.encode(s.source_lang, s.target_lang, s.text)
+        requests.append(Request(i, prompt.ids, s.pair_id, new_token_budget(prompt.source_tokens, max_new_tokens)))
     routed = {s.pair_id is not None for s in sentences}
     if len(routed) > 1:
         raise ValueError("sentences must all be routed or all unrouted")
@@ -193,8 +195,10 @@ def main(argv: list[str] | None = None) -> None:
         directions = args.directions.split(",") if args.directions else m.directions
         for direction in directions:
             src, _, tgt = direction.partition("-")
-            if src not in m.languages or tgt not in m.languages or src == tgt:
-                parser.error(f"direction {direction!r} is not servable; languages: {', '.join(m.languages)}")
+            try:
+                artifact.partition.pair_id(src, tgt)
+            except (KeyError, ValueError) as error:
+                parser.error(f"direction {direction!r} is not servable: {error}")
         if args.unrouted and m.routing == "delta":
             parser.error("--unrouted is for mask artifacts: a delta artifact unrouted is the base model itself")
         model, tokenizer = load_model(args.model, artifact.dtype)
