@@ -14,6 +14,10 @@ merged length stays below W (`can_admit`), and otherwise wait. Columns that are 
 are dropped as rows leave, so a busy batch stays as short as its longest live row.
 Outputs equal `greedy`'s for the same rows (the padding is masked out; tests check it).
 
+Beam search (`Request.beams` n > 1, landermt.beam) runs in the same batch: a row's n live hypotheses are
+n batch rows, and after each step the batch's rows (ids, mask, cache) are reordered to follow the
+hypotheses kept, so greedy rows and beam rows of any pairs share every forward.
+
 A running batch holds token ids only, never a tokenizer: it runs on the server's worker thread while
 requests are tokenised on the event loop, and a fast tokenizer keeps its padding settings as state
 shared by every caller (two threads using one tokenizer got each other's padding). Prompts come in
@@ -29,18 +33,23 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from landermt.beam import BeamSearch
 from landermt.routing import route
 
 
 @dataclass
 class Request:
-    """One row: `key` is the caller's handle for it; `new` collects its generated ids."""
+    """One row: `key` is the caller's handle for it; `new` collects its generated ids (with beams: the best
+    hypothesis', and `hypotheses` the n best, best first)."""
 
     key: object
     prompt_ids: list[int]
     pair_id: int | None
     max_new_tokens: int
+    beams: int = 1
     new: list[int] = field(default_factory=list)
+    hypotheses: list[list[int]] = field(default_factory=list)
+    search: BeamSearch | None = field(default=None, repr=False)
 
     @property
     def prompt_tokens(self) -> int:
@@ -78,24 +87,74 @@ class RunningBatch:
     def admit(self, requests: list[Request]) -> list[Request]:
         """Prefill `requests` (their first token is then computed) and add them to the batch; returns the
         ones that already finished. If the forward fails, the running batch is unchanged."""
+        for request in requests:
+            if request.beams > 1:
+                request.search = BeamSearch(request.beams, self.stops, request.max_new_tokens)
         length = max(r.prompt_tokens for r in requests)
         prompt = torch.tensor([[self.pad] * (length - r.prompt_tokens) + r.prompt_ids for r in requests])
         mask = torch.tensor([[0] * (length - r.prompt_tokens) + [1] * r.prompt_tokens for r in requests])
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(prompt, mask, cache, [r.pair_id for r in requests])
-        ids = torch.cat([prompt, logits.argmax(-1, keepdim=True)], dim=1)
-        self._merge(requests, ids, F.pad(mask, (0, 1), value=1), cache)
-        return self._retire(len(requests))
+        order, tokens, done = self._advance(requests, logits)
+        if order:
+            index = torch.tensor(order)
+            if order != list(range(len(requests))):
+                prompt, mask = prompt[index], mask[index]
+                cache.batch_select_indices(index)
+            ids = torch.cat([prompt, torch.tensor(tokens)[:, None]], dim=1)
+            self._merge([requests[i] for i in order], ids, F.pad(mask, (0, 1), value=1), cache)
+            self._trim()  # rows that finished at once may leave columns that are padding everywhere
+        return done
 
     @torch.no_grad()
     def decode(self) -> list[Request]:
-        """One new token for every row; returns the rows that finished."""
+        """One new token for every row (hypothesis); returns the requests that finished."""
         if not self.rows:
             return []
         logits = self._forward(self.ids[:, -1:], self.mask, self.cache, [r.pair_id for r in self.rows])
-        self.ids = torch.cat([self.ids, logits.argmax(-1, keepdim=True)], dim=1)
+        order, tokens, done = self._advance(self.rows, logits)
+        if not order:
+            self.rows, self.ids, self.mask, self.cache = [], None, None, None
+            return done
+        if order != list(range(len(self.rows))):
+            index = torch.tensor(order)
+            self.rows = [self.rows[i] for i in order]
+            self.ids, self.mask = self.ids[index], self.mask[index]
+            self.cache.batch_select_indices(index)
+            self._trim()
+        self.ids = torch.cat([self.ids, torch.tensor(tokens)[:, None]], dim=1)
         self.mask = F.pad(self.mask, (0, 1), value=1)
-        return self._retire(len(self.rows))
+        return done
+
+    def _advance(self, rows: list[Request], logits: torch.Tensor) -> tuple[list[int], list[int], list[Request]]:
+        """Each request's next tokens from its rows' logits [len(rows), vocabulary] (a beam request's rows are
+        adjacent). Returns, per row of the next step, the row it continues and its new token (the one to feed
+        next), and the requests that finished."""
+        order, tokens, done = [], [], []
+        best = logits.argmax(-1).tolist()
+        start = 0
+        while start < len(rows):
+            request, end = rows[start], start + 1
+            while end < len(rows) and rows[end] is request:
+                end += 1
+            if request.search is None:
+                request.new.append(best[start])
+                if best[start] in self.stops or len(request.new) >= request.max_new_tokens:
+                    request.hypotheses = [request.new]
+                    done.append(request)
+                else:
+                    order.append(start)
+                    tokens.append(best[start])
+            else:
+                sources, next_tokens = request.search.step(F.log_softmax(logits[start:end].float(), dim=-1))
+                order += [start + source for source in sources]
+                tokens += next_tokens
+                if request.search.done:
+                    request.hypotheses = [list(ids) for ids in request.search.best()]
+                    request.new = request.hypotheses[0]
+                    done.append(request)
+            start = end
+        return order, tokens, done
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, pair_ids: list[int | None]):
         kwargs = {"attention_mask": mask, "past_key_values": cache, "use_cache": True}
@@ -123,27 +182,6 @@ class RunningBatch:
             if hasattr(mine, "cumulative_length"):  # sliding-window layer, below its window (can_admit)
                 mine.cumulative_length = length - 1
         self.rows += admitted
-
-    def _retire(self, count: int) -> list[Request]:
-        """Record the newest token of the last `count` rows; drop the rows that have stopped."""
-        done, keep = [], []
-        for index, row in enumerate(self.rows):
-            if index >= len(self.rows) - count:
-                row.new.append(int(self.ids[index, -1]))
-            if row.new and (row.new[-1] in self.stops or len(row.new) >= row.max_new_tokens):
-                done.append(row)
-            else:
-                keep.append(index)
-        if len(keep) < len(self.rows):
-            if not keep:
-                self.rows, self.ids, self.mask, self.cache = [], None, None, None
-            else:
-                index = torch.tensor(keep)
-                self.rows = [self.rows[i] for i in keep]
-                self.ids, self.mask = self.ids[index], self.mask[index]
-                self.cache.batch_select_indices(index)
-                self._trim()
-        return done
 
     def _trim(self) -> None:
         """Drop left columns that are padding in every remaining row, so a batch that never drains does not

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from landermt.beam import BeamSearch
 from landermt.decode import Request, RunningBatch
 from landermt.families import family_of
 from landermt.generate import decoded, greedy, stop_token_ids
 from landermt.prompts import DEFAULT_TEMPLATE, render_prompt
-from landermt.routing import patch
+from landermt.routing import patch, route
 from tests.conftest import FAMILY_NAMES, PARALLEL, tiny_model
 
 PROMPTS = ["Translate English to German: The weather is nice today.", "Hello", "Good",
@@ -124,3 +125,68 @@ def test_evaluation_streams_every_direction_through_one_decoder(tokenizer):
     want = [greedy(model, tokenizer, [render_prompt(DEFAULT_TEMPLATE, s.source_lang, s.target_lang, s.text)],
                    [s.pair_id], MAX_NEW)[0].text for s in sentences]
     assert got == want
+
+
+# --- beam search (landermt/beam.py) in the running batch ---------------------------------------------------------
+
+@torch.no_grad()
+def beam_alone(model, prompt_ids: list[int], pair_id: int, width: int, max_new: int, stops: list[int]):
+    """The reference: the same search, every step a full forward of prompt + hypothesis (no cache, no padding,
+    no other rows)."""
+    search = BeamSearch(width, set(stops), max_new)
+    while not search.done:
+        ids = torch.tensor([prompt_ids + list(h.ids) for h in search.live])
+        with route(torch.full((len(ids),), pair_id)):
+            logits = model(input_ids=ids).logits[:, -1]
+        search.step(torch.log_softmax(logits.float(), dim=-1))
+    return [list(ids) for ids in search.best()]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_beam_rows_share_the_batch_with_greedy_rows_and_match_each_alone(family, tokenizer):
+    model = routed(tiny_model(family, len(tokenizer)))
+    stops = stop_token_ids(tokenizer)
+    widths = [3, 1, 2, 4, 1, 2]
+    want = {i: beam_alone(model, tokenizer(p).input_ids, PAIR_IDS[i], widths[i], MAX_NEW, stops)
+            for i, p in enumerate(PROMPTS) if widths[i] > 1}
+    batch = running_batch(model, tokenizer)
+    arrivals = {0: [0, 1], 2: [2, 3], 3: [4], 6: [5]}
+    got, step, waiting = {}, 0, []
+    while step <= max(arrivals) or waiting or len(batch):
+        waiting += [Request(i, tokenizer(PROMPTS[i]).input_ids, PAIR_IDS[i], MAX_NEW, beams=widths[i])
+                    for i in arrivals.get(step, [])]
+        new = [r for r in waiting if batch.can_admit(r.prompt_tokens)]
+        waiting = [r for r in waiting if r not in new]
+        done = batch.admit(new) if new else []
+        done += batch.decode()
+        got.update({r.key: r for r in done})
+        step += 1
+    assert {i: got[i].hypotheses for i in want} == want
+    for i, width in enumerate(widths):
+        assert len(got[i].hypotheses) <= width and got[i].new == got[i].hypotheses[0]
+        if width == 1:
+            assert decoded(tokenizer, 0, got[i].new).text == greedy(model, tokenizer, [PROMPTS[i]], [PAIR_IDS[i]],
+                                                                    MAX_NEW)[0].text
+
+
+def test_beam_search_ranks_by_length_normalised_log_probability():
+    stop = 3
+    search = BeamSearch(2, {stop}, max_new_tokens=5)
+    log = torch.log
+    # step 1: stopping at once (p 0.5) is the best candidate; tokens 1 (0.3) and 2 (0.2) go on
+    assert search.step(log(torch.tensor([[1e-9, 0.3, 0.2, 0.5]]))) == ([0, 0], [1, 2])
+    assert [h.ids for h in search.finished] == [(3,)]
+    # step 2: hypothesis (1,) continues almost surely and stops next; (2,) stops at once
+    search.step(log(torch.tensor([[1e-9, 0.98, 1e-9, 0.02], [1e-9, 0.1, 1e-9, 0.9]])))
+    assert search.step(log(torch.tensor([[1e-9, 1e-9, 1e-9, 1.0]]))) == ([], [])
+    assert search.done
+    # per token, (1, 1, 3): log(0.3 · 0.98) / 3 = -0.41 beats (3,): log 0.5 = -0.69 and (2, 3): log(0.18) / 2 = -0.86
+    assert search.best() == [(1, 1, 3), (3,)]
+
+
+def test_beam_search_stops_at_the_budget_with_what_is_live():
+    search = BeamSearch(2, {0}, max_new_tokens=2)
+    uniform = torch.full((1, 5), -1.0)
+    search.step(uniform)
+    search.step(torch.full((2, 5), -1.0))
+    assert search.done and len(search.best()) == 2 and all(len(ids) == 2 for ids in search.best())
