@@ -6,7 +6,8 @@ Rows already in bench/results/table_<testset>.json are kept (runs need not all l
 machine); a run of the same name replaces its row. Writes that JSON and the "Methods on <testset>"
 section of docs/RESULTS.md: BLEU per direction and mean; mean chrF, off-target rate, perplexity
 change on held-out text (forgetting), and for finetuned runs seconds per step and peak training memory.
-Plots BLEU per direction and method to docs/figures/methods_<testset>.png. Each finetuned row also
+Plots BLEU per direction and method to docs/figures/methods_<testset>.png (`--table NAME`: a table of its
+own, table_NAME.json, its section and methods_NAME.png). Each finetuned row also
 keeps its loss curves (training loss per step, dev loss), so docs/figures/loss_curves.png plots
 every row that has them, wherever its run was made.
 """
@@ -63,8 +64,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--testset", default="flores")
+    parser.add_argument("--table", default=None, help="a table of its own, bench/results/table_TABLE.json and its "
+                        "section (runs of another budget or sample size than the main table's); default: TESTSET")
     args = parser.parse_args()
-    table = ROOT / "bench" / "results" / f"table_{args.testset}.json"
+    name = args.table or args.testset
+    table = ROOT / "bench" / "results" / f"table_{name}.json"
     rows = json.loads(table.read_text()) if table.exists() else {}
     for run in args.runs:
         result = json.loads((run / "eval.json").read_text())
@@ -100,9 +104,9 @@ def main() -> None:
                      f"{r.get('seconds_per_step') or ''} | {r.get('train_peak_rss_mib') or ''} |")
     sentences = next(iter(rows.values()))["sentences"]
     section = "\n".join([
-        f"## Methods on {args.testset}",
+        f"## Methods on {name}",
         "",
-        f"`python bench/results_table.py RUN...` (`bench/results/table_{args.testset}.json`; runs: "
+        f"`python bench/results_table.py RUN...` (`bench/results/table_{name}.json`; runs: "
         + ", ".join(f"`{r['run']}`" for r in rows.values()) + ").",
         f"First {sentences} sentences per direction; BLEU is sacreBLEU 13a (zh for Chinese targets), the mean with its",
         "95% bootstrap interval where the run kept its sentence statistics (training/evaluate.py); Δ ppl is the mean",
@@ -110,12 +114,13 @@ def main() -> None:
         "",
         *lines,
         "",
-        f"![BLEU per direction](figures/methods_{args.testset}.png)",
+        f"![BLEU per direction](figures/methods_{name}.png)",
         "",
     ])
-    update_section(ROOT / "docs" / "RESULTS.md", f"## Methods on {args.testset}", section, "Results")
-    plot_bleu(rows, directions, ROOT / "docs" / "figures" / f"methods_{args.testset}.png")
-    plot_losses({name: r for name, r in rows.items() if r.get("train_loss")})
+    update_section(ROOT / "docs" / "RESULTS.md", f"## Methods on {name}", section, "Results")
+    plot_bleu(rows, directions, ROOT / "docs" / "figures" / f"methods_{name}.png")
+    if args.table is None:  # the loss-curve figure is the main table's
+        plot_losses({row: r for row, r in rows.items() if r.get("train_loss")})
     print(section)
 
 

@@ -109,31 +109,36 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
                                "languages", 400, engine.languages)
         return found
 
-    async def translate_texts(texts: list[str], sources: list[str], target: str) -> list[str]:
-        """Every text into `target` from its own source: one engine call per source language, all at once."""
+    async def translate_texts(texts: list[str], sources: list[str], target: str,
+                              beams: int | None = None) -> list[list[str]]:
+        """Every text into `target` from its own source (one engine call per source language, all at once):
+        each text's distinct translations, best first."""
         groups: dict[str, list[int]] = {}
         for index, source in enumerate(sources):
             groups.setdefault(source, []).append(index)
-        results = await asyncio.gather(*(engine.translate([texts[i] for i in indices], source, target)
+        results = await asyncio.gather(*(engine.translate_n([texts[i] for i in indices], source, target, beams=beams)
                                          for source, indices in groups.items()))
-        outputs = [""] * len(texts)
+        outputs: list[list[str]] = [[] for _ in texts]
         for indices, translated in zip(groups.values(), results, strict=True):
-            for i, text in zip(indices, translated, strict=True):
-                outputs[i] = text
+            for i, best in zip(indices, translated, strict=True):
+                outputs[i] = best
         return outputs
 
-    async def translate_documents(documents: list[str], sources: list[str], target: str, format: str) -> list[str]:
-        """Plain texts, or HTML documents whose text nodes are translated (all in one batch) and markup kept."""
+    async def translate_documents(documents: list[str], sources: list[str], target: str, format: str,
+                                  beams: int) -> list[list[str]]:
+        """Plain texts (their distinct translations, best first), or HTML documents whose text nodes are
+        translated (all in one batch) and markup kept (one translation each: alternatives of a document whose
+        pieces each have several would be a product of choices)."""
         if format == "text":
-            return await translate_texts(documents, sources, target)
+            return await translate_texts(documents, sources, target, beams)
         parsed = [split_html(document) for document in documents]
         pieces = [(i, text) for i, doc in enumerate(parsed) for text in doc.texts]
         limit = engine.settings.max_texts
         chunks = [pieces[start : start + limit] for start in range(0, len(pieces), limit)]
         translated = await asyncio.gather(*(translate_texts([t for _, t in chunk], [sources[i] for i, _ in chunk],
-                                                            target) for chunk in chunks))
-        flat = iter([text for chunk in translated for text in chunk])
-        return [doc.render([next(flat) for _ in doc.texts]) for doc in parsed]
+                                                            target, beams) for chunk in chunks))
+        flat = iter([best[0] for chunk in translated for best in chunk])
+        return [[doc.render([next(flat) for _ in doc.texts])] for doc in parsed]
 
     @app.post("/translate", response_model=schemas.TranslateResponse, response_model_exclude_none=True,
               responses={400: {"model": schemas.ErrorBody}, 401: {"model": schemas.ErrorBody},
@@ -142,7 +147,7 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
               dependencies=keyed_body, openapi_extra=openapi_body(schemas.TranslateRequest, "TranslateRequest"))
     async def translate(fields: BodyFields) -> schemas.TranslateResponse:
         """LibreTranslate's /translate: `q` a text or a list, `source` a tag or `auto`, `format` text or html,
-        `alternatives` (returned empty until beam search: Step 9)."""
+        `alternatives` (other translations from the beam's n-best list), `num_beams` (1: greedy)."""
         started = time.monotonic()
         body = parse_fields(schemas.TranslateRequest, fields)
         texts = [body.q] if isinstance(body.q, str) else body.q
@@ -153,15 +158,18 @@ def create_app(engine: Engine, store: JobStore) -> FastAPI:
             sources = [language for language, _ in detected]
         else:
             sources = [normalise(body.source)] * len(texts)
-        outputs = await translate_documents(texts, sources, normalise(body.target), body.format)
+        beams = engine.beams_for(body.num_beams, body.alternatives)
+        outputs = await translate_documents(texts, sources, normalise(body.target), body.format, beams)
         metrics.request_seconds.observe(time.monotonic() - started)
         one = isinstance(body.q, str)
-        answer = schemas.TranslateResponse(translatedText=outputs[0] if one else outputs)
+        best = [translations[0] for translations in outputs]
+        answer = schemas.TranslateResponse(translatedText=best[0] if one else best)
         if detected is not None:
             found = [schemas.DetectedLanguage(language=code, confidence=round(c, 2)) for code, c in detected]
             answer.detectedLanguage = found[0] if one else found
         if body.alternatives:
-            answer.alternatives = [] if one else [[] for _ in texts]
+            others = [translations[1 : 1 + body.alternatives] for translations in outputs]
+            answer.alternatives = others[0] if one else others
         return answer
 
     @app.post("/detect", response_model=list[schemas.DetectedLanguage],

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from landermt.artifact import Artifact, load_artifact
-from landermt.generate import Generation, decoded
+from landermt.generate import decoded
 from landermt.partition import UnsupportedLanguage, check_pair
 from landermt.prompts import DEFAULT_TEMPLATE, LANGUAGE_NAMES, PromptEncoder, new_token_budget
 from server.languages import normalise
@@ -84,6 +84,7 @@ class Row:
     pair: str = field(compare=False)
     max_new_tokens: int = field(compare=False)
     future: asyncio.Future = field(compare=False)
+    beams: int = field(default=1, compare=False)  # 1: greedy; n: beam search of width n, n-best returned
     request_id: str = field(default_factory=REQUEST_ID.get, compare=False)
     queued_at: float = field(default_factory=time.monotonic, compare=False)
 
@@ -97,12 +98,13 @@ class Row:
         return self.future.done()
 
 
-Done = Callable[[Row, "list[int] | Exception"], None]
+Done = Callable[[Row, "list[list[int]] | Exception"], None]
 
 
 class Backend(Protocol):
-    """What generates: rows in (`submit`), each row's generated ids (up to and including the token that
-    stopped it) or its error out, through `done`, on the event loop's thread."""
+    """What generates: rows in (`submit`), out through `done` on the event loop's thread: a row's hypotheses
+    (generated ids up to and including the token that stopped each; one for greedy, the n best for a beam
+    of width n, best first) or its error."""
 
     slots: int  # rows it runs at once; the front end never submits more
 
@@ -210,16 +212,30 @@ class Engine:
             return str(error).replace("text 0 ", "text ")
         return None
 
+    def beams_for(self, num_beams: int | None, alternatives: int) -> int:
+        """The beam width a request runs with: its own or the server's default, wide enough for `alternatives`."""
+        beams = max(num_beams or self.settings.beams, alternatives + 1)
+        if beams > self.settings.max_beams:
+            raise RequestError(f"a beam of width {beams} was asked for; the limit is {self.settings.max_beams}", 400)
+        return beams
+
     async def translate(self, texts: list[str], source: str, target: str, priority: int = INTERACTIVE) -> list[str]:
+        """Each text's translation, with the server's default decoding."""
+        return [best[0] for best in await self.translate_n(texts, source, target, priority)]
+
+    async def translate_n(self, texts: list[str], source: str, target: str, priority: int = INTERACTIVE,
+                          beams: int | None = None) -> list[list[str]]:
+        """Each text's distinct translations, best first (one with greedy decoding, up to `beams` with beam
+        search; default: the server's --beams)."""
         self.check_pair(source, target)
         self.check_texts(texts)
         if source == target:
-            return list(texts)
+            return [[text] for text in texts]
         encoded = self.encode(texts, source, target)
         pair_id = self.artifact.partition.pair_id(source, target) if self.artifact else None
         loop = asyncio.get_running_loop()
-        rows = [Row(priority, next(self.sequence), ids, pair_id, f"{source}-{target}", budget, loop.create_future())
-                for ids, budget in encoded]
+        rows = [Row(priority, next(self.sequence), ids, pair_id, f"{source}-{target}", budget, loop.create_future(),
+                    beams or self.settings.beams) for ids, budget in encoded]
         for row in rows:
             self.queue.put_nowait(row)
         self.metrics.queued.set(self.queue.qsize())
@@ -235,19 +251,18 @@ class Engine:
             self.metrics.queue_seconds.observe(time.monotonic() - row.queued_at)
             self.backend.submit(row)
 
-    def _done(self, row: Row, outcome: list[int] | Exception) -> None:
+    def _done(self, row: Row, outcome: list[list[int]] | Exception) -> None:
         self.free.release()
         if isinstance(outcome, Exception):
             self._fail(row, outcome)
-        else:
-            self._finish(row, decoded(self.tokenizer, row.prompt_tokens, outcome))
-
-    def _finish(self, row: Row, generation: Generation) -> None:
+            return
+        generations = [decoded(self.tokenizer, row.prompt_tokens, ids) for ids in outcome]
+        best = generations[0]
         self.metrics.translations.labels(row.pair).inc()
-        self.metrics.input_tokens.labels(row.pair).inc(generation.prompt_tokens)
-        self.metrics.generated_tokens.labels(row.pair).inc(generation.new_tokens)
+        self.metrics.input_tokens.labels(row.pair).inc(best.prompt_tokens)
+        self.metrics.generated_tokens.labels(row.pair).inc(best.new_tokens)
         if not row.future.done():  # the client may have gone away
-            row.future.set_result(generation.text)
+            row.future.set_result(list(dict.fromkeys(g.text for g in generations)))  # distinct texts, best first
 
     def _fail(self, row: Row, error: Exception) -> None:
         """One log line with the request id; the request gets a 500 naming that id."""

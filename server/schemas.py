@@ -26,7 +26,10 @@ class TranslateRequest(Body):
     source: str = Field(description="source language tag (en, de-DE, zh-Hans, ...) or `auto` to detect it")
     target: str = Field(description="target language tag")
     format: Literal["text", "html"] = Field("text", description="`html`: translate the text nodes, keep the markup")
-    alternatives: int = Field(0, ge=0, le=10, description="how many other translations to return besides the best")
+    alternatives: int = Field(0, ge=0, le=7, description="how many other translations to return besides the best "
+                                                         "(beam search of width at least alternatives + 1)")
+    num_beams: int | None = Field(None, ge=1, le=8, description="1: greedy decoding; n > 1: beam search of width n "
+                                                              "(default: the server's --beams)")
 
     @field_validator("format", mode="before")
     @classmethod

@@ -24,6 +24,8 @@ class Settings:
     max_chars: int = 5000  # characters per text
     max_tokens: int = 512  # tokens per text
     max_new_tokens: int = 256  # cap on generated tokens (also ≤ 2 × source tokens + 16)
+    beams: int = 1  # default decoding: 1 greedy, n > 1 beam search of width n (a request may ask for its own)
+    max_beams: int = 8  # the widest beam a request may ask for (`num_beams`, or `alternatives` + 1)
     jobs_db: str = str(Path.home() / ".local" / "share" / "landermt" / "jobs.sqlite3")
     max_job_lines: int = 100_000
     api_keys: str | None = None  # JSON file of hashed API keys (python -m server.keys); None: no auth

@@ -114,10 +114,10 @@ class TorchBackend:
             for row, outcome in finished:
                 self.done(row, outcome)
 
-    def _step(self, admitted: list[Row]) -> list[tuple[Row, list[int]]]:
+    def _step(self, admitted: list[Row]) -> list[tuple[Row, list[list[int]]]]:
         """Worker thread: admit (prefill) new rows, then one decode step for the whole running batch;
-        returns the rows that finished with their generated ids."""
-        finished = self.running.admit([Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens)
+        returns the rows that finished with their hypotheses."""
+        finished = self.running.admit([Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens, row.beams)
                                        for row in admitted]) if admitted else []
         now = time.monotonic()
         for row in admitted:
@@ -125,22 +125,23 @@ class TorchBackend:
         if len(self.running):
             self.metrics.batch_size.observe(len(self.running))
             finished += self.running.decode()
-        return [(request.key, request.new) for request in finished]
+        return [(request.key, request.hypotheses) for request in finished]
 
-    def _each_alone(self, rows: list[Row]) -> list[tuple[Row, list[int] | Exception]]:
-        """Worker thread, after a failed step: every row from the start in a batch of its own; the ids it
-        generates, or the error it fails with."""
+    def _each_alone(self, rows: list[Row]) -> list[tuple[Row, list[list[int]] | Exception]]:
+        """Worker thread, after a failed step: every row from the start in a batch of its own; its hypotheses,
+        or the error it fails with."""
         outcomes = []
         for row in rows:
             if row.abandoned:
-                outcomes.append((row, []))
+                outcomes.append((row, [[]]))
                 continue
-            batch, request = self._new_batch(), Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens)
+            batch = self._new_batch()
+            request = Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens, row.beams)
             try:
                 batch.admit([request])
                 while len(batch):
                     batch.decode()
-                outcomes.append((row, request.new))
+                outcomes.append((row, request.hypotheses))
             except Exception as error:
                 outcomes.append((row, error))
         return outcomes

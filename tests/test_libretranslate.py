@@ -109,15 +109,25 @@ def test_html_keeps_markup_and_translates_text_nodes(server):
                   "<code>a &lt; b</code></p>"
 
 
-def test_alternatives_field_is_answered(server):
-    one = httpx.post(f"{server}/translate", json={"q": TEXTS["en"], "source": "en", "target": "it",
-                                                  "alternatives": 3}, timeout=60).json()
-    assert one["alternatives"] == []  # beam search (Step 9) fills it
+def test_alternatives_come_from_the_beam_n_best(server):
+    def post(**fields):
+        response = httpx.post(f"{server}/translate", json={"q": TEXTS["en"], "source": "en", "target": "it"} | fields,
+                              timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    one = post(alternatives=3)
+    others = one["alternatives"]
+    assert 1 <= len(others) <= 3 and all(isinstance(text, str) and text for text in others)
+    assert len(set(others)) == len(others) and one["translatedText"] not in others
+    assert post(num_beams=4)["translatedText"] == one["translatedText"]  # the same search: a beam of width 4
+    assert "alternatives" not in post(num_beams=4) and post()["translatedText"] == post(num_beams=1)["translatedText"]
     many = httpx.post(f"{server}/translate", data={"q": [TEXTS["en"], TEXTS["fr"]], "source": "en", "target": "it",
                                                    "alternatives": "2"}, timeout=60).json()
-    assert many["alternatives"] == [[], []] and len(many["translatedText"]) == 2
-    assert "alternatives" not in httpx.post(f"{server}/translate", json={"q": TEXTS["en"], "source": "en",
-                                                                          "target": "it"}, timeout=60).json()
+    assert len(many["alternatives"]) == 2 and all(len(texts) <= 2 for texts in many["alternatives"])
+    assert len(many["translatedText"]) == 2
+    wide = httpx.post(f"{server}/translate", json={"q": "Hi", "source": "en", "target": "it", "num_beams": 9})
+    assert wide.status_code == 400 and "num_beams" in wide.json()["error"]
 
 
 @pytest.mark.parametrize("name,content", [

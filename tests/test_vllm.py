@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from landermt.artifact import ffn_weights, load_artifact, save_artifact
 from landermt.build import build
 from landermt.data import training_corpora
+from landermt.decode import Request, RunningBatch
 from landermt.families import family_of
 from landermt.generate import decoded, greedy, stop_token_ids
 from landermt.models import load_model
@@ -219,6 +220,24 @@ def test_prefix_cache_is_reused_within_a_pair_and_salted_between_pairs(eager, re
     assert run(loop, vllm_tokens(engine, prompt, second)) == (want[second], 0)  # another pair: no reuse
     # the salt is what keeps them apart: with the first pair's salt, the first pair's KV would be reused
     assert run(loop, vllm_tokens(engine, prompt, second, salt_of=first))[1] == full_blocks
+
+
+def test_beam_search_matches_torch_over_http(eager, reference):
+    """num_beams and alternatives over HTTP: vLLM's n-best texts are the torch decoder's (float32)."""
+    engine, url = eager
+    model, tokenizer, artifact = reference
+    prompts, ids = prompts_and_ids(artifact, ROWS[:3])
+    batch = RunningBatch(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), routed=True)
+    done = batch.admit([Request(i, tokenizer(p).input_ids, pair, MAX_NEW, beams=3)
+                        for i, (p, pair) in enumerate(zip(prompts, ids, strict=True))])
+    while len(batch):
+        done += batch.decode()
+    for request in sorted(done, key=lambda r: r.key):
+        source, target, text = ROWS[request.key]
+        want = list(dict.fromkeys(decoded(tokenizer, request.prompt_tokens, h).text for h in request.hypotheses))
+        got = httpx.post(f"{url}/translate", json={"q": text, "source": source, "target": target, "num_beams": 3,
+                                                   "alternatives": 2}, timeout=120).json()
+        assert [got["translatedText"], *got["alternatives"]] == want
 
 
 def test_cache_salt_and_pair_id_on_every_request(eager, reference, loop):
