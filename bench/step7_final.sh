@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Step 7's final comparison (docs/RESULTS.md, "Methods on flores-step7"): routed LANDeRMT under the delta rule
+# with the settings chosen on FLORES dev (configs/quick-tuned.yaml) against LoRA r8 at its dev-best learning rate
+# and the untouched base (zero-shot), on the first LIMIT FLORES devtest sentences of all 10 directions.
+#
+# Equal training wall time, same data order: LoRA gets STEPS × 384 / 481 steps, the ratio of the two methods'
+# times for the same 150 steps measured side by side on one idle machine (docs/RESULTS.md, "Devtest check").
+# Fixing the step counts from that ratio keeps the comparison fair however busy the machine is meanwhile.
+#
+#   bash bench/step7_final.sh            # STEPS=600 LIMIT=200 LORA_LR=1e-3 (resumable: run it again)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source .venv/bin/activate
+STEPS=${STEPS:-600}
+LIMIT=${LIMIT:-200}
+LORA_LR=${LORA_LR:-1e-3}
+LORA_STEPS=$(( STEPS * 384 / 481 ))
+OUT=${OUT:-runs/step7-final}
+common=(--config configs/quick-tuned.yaml --resume --set "eval.limit=$LIMIT" --set eval.batch_size=32 --set train.eval_every=100)
+
+python -m training.run "${common[@]}" --output "$OUT/delta" --set "train.steps=$STEPS"
+python -m training.run "${common[@]}" --output "$OUT/lora" --method lora --set "train.steps=$LORA_STEPS" \
+  --set "train.lr=$LORA_LR"
+python -m training.run "${common[@]}" --output "$OUT/zero_shot" --method zero_shot
+python bench/results_table.py "$OUT/zero_shot" "$OUT/lora" "$OUT/delta" --table flores-step7
