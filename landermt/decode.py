@@ -14,6 +14,11 @@ merged length stays below W (`can_admit`), and otherwise wait. Columns that are 
 are dropped as rows leave, so a busy batch stays as short as its longest live row.
 Outputs equal `greedy`'s for the same rows (the padding is masked out; tests check it).
 
+Prefix reuse (`PrefixCache`): every prompt of a pair starts the same way (the template, and in base-model mode
+the few-shot examples), so the KV of the first prompt seen per pair is kept, and a later row of that pair
+prefills only what follows its longest common prefix with it: the row's cache is that prefix's KV, then a gap
+of masked columns, then its own tokens (positions come from the mask, so the gap changes nothing).
+
 Beam search (`Request.beams` n > 1, landermt.beam) runs in the same batch: a row's n live hypotheses are
 n batch rows, and after each step the batch's rows (ids, mask, cache) are reordered to follow the
 hypotheses kept, so greedy rows and beam rows of any pairs share every forward.
@@ -56,10 +61,38 @@ class Request:
         return len(self.prompt_ids)
 
 
+class PrefixCache:
+    """Per pair id, one prompt's token ids and its KV per layer ([1, heads, T, dim] keys and values): the first
+    prompt of the pair that was prefilled whole. KV at a position depends only on the tokens up to it, so any
+    common prefix of another prompt of the same pair (same routing) has exactly this KV."""
+
+    def __init__(self):
+        self.entries: dict[int | None, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self.reused_tokens = 0  # prompt tokens not prefilled thanks to it (tests, benchmarks)
+
+    def match(self, pair_id: int | None, prompt_ids: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """How many leading tokens of `prompt_ids` have known KV (never all: the last one must run to give the
+        first new token's logits), and that KV."""
+        if pair_id not in self.entries:
+            return 0, []
+        ids, kv = self.entries[pair_id]
+        length = 0
+        for a, b in zip(ids, prompt_ids[:-1], strict=False):
+            if a != b:
+                break
+            length += 1
+        return length, [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
+
+    def store(self, pair_id: int | None, prompt_ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.entries.setdefault(pair_id, (list(prompt_ids), kv))
+
+
 class RunningBatch:
-    def __init__(self, model, pad_token_id: int, stop_ids: list[int], routed: bool):
-        """`stop_ids`: the tokens that end a row (landermt.generate.stop_token_ids)."""
-        self.model, self.pad, self.routed = model, pad_token_id, routed
+    def __init__(self, model, pad_token_id: int, stop_ids: list[int], routed: bool,
+                 prefixes: PrefixCache | None = None):
+        """`stop_ids`: the tokens that end a row (landermt.generate.stop_token_ids); `prefixes`: reuse the KV of
+        prompt prefixes seen before (kept by the caller, so it outlives the batch)."""
+        self.model, self.pad, self.routed, self.prefixes = model, pad_token_id, routed, prefixes
         self.stops = set(stop_ids)
         parameters = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in parameters
@@ -90,11 +123,30 @@ class RunningBatch:
         for request in requests:
             if request.beams > 1:
                 request.search = BeamSearch(request.beams, self.stops, request.max_new_tokens)
-        length = max(r.prompt_tokens for r in requests)
-        prompt = torch.tensor([[self.pad] * (length - r.prompt_tokens) + r.prompt_ids for r in requests])
-        mask = torch.tensor([[0] * (length - r.prompt_tokens) + [1] * r.prompt_tokens for r in requests])
+        known = [self.prefixes.match(r.pair_id, r.prompt_ids) if self.prefixes else (0, []) for r in requests]
+        prefix = max(length for length, _ in known)
+        suffix = max(r.prompt_tokens - length for r, (length, _) in zip(requests, known, strict=True))
+        width = max(self.ids.shape[1], prefix + suffix + 1) if self.ids is not None else prefix + suffix + 1
+        if self.window is not None and width >= self.window:  # the gaps would push the batch past the window
+            known, prefix, suffix = [(0, [])] * len(requests), 0, max(r.prompt_tokens for r in requests)
+        prompt, mask = [], []
+        for r, (length, _) in zip(requests, known, strict=True):
+            rest = r.prompt_tokens - length
+            prompt.append([self.pad] * (prefix - length) + r.prompt_ids[:length] + [self.pad] * (suffix - rest)
+                          + r.prompt_ids[length:])
+            mask.append([0] * (prefix - length) + [1] * length + [0] * (suffix - rest) + [1] * rest)
+        prompt, mask = torch.tensor(prompt), torch.tensor(mask)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(prompt, mask, cache, [r.pair_id for r in requests])
+        if prefix:  # the known prefixes' KV, left-padded with masked zeros to one width
+            shapes = next(kv for length, kv in known if length)
+            for layer, (key, value) in enumerate(shapes):
+                keys = [_pad_left(kv[layer][0] if length else key[:, :, :0], prefix) for length, kv in known]
+                values = [_pad_left(kv[layer][1] if length else value[:, :, :0], prefix) for length, kv in known]
+                cache.update(torch.cat(keys), torch.cat(values), layer)
+            self.prefixes.reused_tokens += sum(length for length, _ in known)
+        logits = self._forward(prompt[:, prefix:], mask, cache, [r.pair_id for r in requests])
+        if self.prefixes is not None:
+            self._remember(requests, known, cache, prefix + suffix)
         order, tokens, done = self._advance(requests, logits)
         if order:
             index = torch.tensor(order)
@@ -167,6 +219,18 @@ class RunningBatch:
             return self.model(input_ids=ids, **kwargs).logits[:, -1]
 
     # --- bookkeeping -----------------------------------------------------------------------------------------
+    def _remember(self, requests: list[Request], known: list[tuple[int, list]], cache, width: int) -> None:
+        """Keep the KV of each prompt prefilled whole (no known prefix) for its pair, if the pair has none yet:
+        its last `prompt_tokens` columns of every layer (unless a sliding-window layer has cut them)."""
+        if any(layer.keys.shape[-2] != width for layer in cache.layers):
+            return
+        for row, (request, (length, _)) in enumerate(zip(requests, known, strict=True)):
+            if length == 0 and request.pair_id not in self.prefixes.entries:
+                n = request.prompt_tokens
+                kv = [(layer.keys[row : row + 1, :, -n:].clone(), layer.values[row : row + 1, :, -n:].clone())
+                      for layer in cache.layers]
+                self.prefixes.store(request.pair_id, request.prompt_ids, kv)
+
     def _merge(self, admitted: list[Request], ids: torch.Tensor, mask: torch.Tensor, cache) -> None:
         """Append the admitted rows (ids [n, T'], their cache covering T' − 1 positions) to the running batch."""
         if self.ids is None:

@@ -26,6 +26,7 @@ class Settings:
     max_new_tokens: int = 256  # cap on generated tokens (also ≤ 2 × source tokens + 16)
     beams: int = 1  # default decoding: 1 greedy, n > 1 beam search of width n (a request may ask for its own)
     max_beams: int = 8  # the widest beam a request may ask for (`num_beams`, or `alternatives` + 1)
+    prefix_reuse: bool = True  # torch backend: keep each pair's prompt-prefix KV and prefill only what follows it
     jobs_db: str = str(Path.home() / ".local" / "share" / "landermt" / "jobs.sqlite3")
     max_job_lines: int = 100_000
     api_keys: str | None = None  # JSON file of hashed API keys (python -m server.keys); None: no auth
@@ -49,6 +50,10 @@ class Settings:
 
 
 def _parse(kind: str, value: str):
+    if kind == "bool":
+        if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a yes/no value (true, false, 1, 0, on, off)")
+        return value.lower() in ("1", "true", "yes", "on")
     if "int" in kind:
         return int(value)
     if "float" in kind:

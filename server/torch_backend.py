@@ -1,7 +1,8 @@
 """The torch backend: one base model, rows of different language pairs batched into one forward.
 
 Continuous batching (landermt.decode): between decode steps, submitted rows of *any* pair join the
-running batch; when idle it waits for the first row and gathers more for up to `max_wait_ms`. Each
+running batch, each prefilling only what follows its pair's prompt prefix once that prefix's KV is known
+(`--prefix-reuse`); when idle it waits for the first row and gathers more for up to `max_wait_ms`. Each
 step (prefill of the joining rows, then one decode step for all rows with per-row pair ids) runs on a
 dedicated worker thread; a row is reported done as soon as its translation ends.
 
@@ -21,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from landermt.artifact import Artifact
-from landermt.decode import Request, RunningBatch
+from landermt.decode import PrefixCache, Request, RunningBatch
 from landermt.generate import stop_token_ids
 from landermt.models import load_model, resolve_dtype
 from server.engine import Done, Row
@@ -37,6 +38,7 @@ class TorchBackend:
         self.model, self.pad, self.stop_ids, self.routed = model, pad_token_id, stop_ids, routed
         self.slots, self.max_wait = settings.max_batch_size, settings.max_wait_ms / 1000
         self.metrics = metrics
+        self.prefixes = PrefixCache() if settings.prefix_reuse else None  # outlives a batch replaced after a failure
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
         self.pending: list[Row] = []  # submitted, not yet in the running batch (in the order submitted)
         self.running = self._new_batch()
@@ -56,7 +58,7 @@ class TorchBackend:
         return backend, tokenizer
 
     def _new_batch(self) -> RunningBatch:
-        return RunningBatch(self.model, self.pad, self.stop_ids, routed=self.routed)
+        return RunningBatch(self.model, self.pad, self.stop_ids, routed=self.routed, prefixes=self.prefixes)
 
     # --- the Backend protocol ------------------------------------------------------------------
     def start(self, done: Done) -> None:

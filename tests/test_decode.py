@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from landermt.beam import BeamSearch
-from landermt.decode import Request, RunningBatch
+from landermt.decode import PrefixCache, Request, RunningBatch
 from landermt.families import family_of
 from landermt.generate import decoded, greedy, stop_token_ids
 from landermt.prompts import DEFAULT_TEMPLATE, render_prompt
@@ -190,3 +190,35 @@ def test_beam_search_stops_at_the_budget_with_what_is_live():
     search.step(uniform)
     search.step(torch.full((2, 5), -1.0))
     assert search.done and len(search.best()) == 2 and all(len(ids) == 2 for ids in search.best())
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_rows_reusing_their_pairs_prompt_prefix_match_each_row_alone(family, tokenizer):
+    """Prefix reuse: later rows of a pair prefill only what follows the KV kept from its first prompt, in a
+    batch with rows that reuse nothing (other pairs), greedy and beam, and in a new batch sharing the cache.
+    (Gemma 3's window is wider than the batch here: a window the prompts cross is test_sliding_window_...)"""
+    model = routed(tiny_model(family, len(tokenizer), sliding_window=128))
+    texts = [english for english, _ in PARALLEL["de"][:6]]
+    rows = [(render_prompt(DEFAULT_TEMPLATE, "en", "de" if i % 2 else "fr", text), 1 + i % 2) for i, text in
+            enumerate(texts)]
+    alone = [greedy(model, tokenizer, [p], [pair], MAX_NEW)[0].text for p, pair in rows]
+    beam = beam_alone(model, tokenizer(rows[4][0]).input_ids, rows[4][1], 2, MAX_NEW, stop_token_ids(tokenizer))
+    prefixes = PrefixCache()
+    got, batch = {}, RunningBatch(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), True, prefixes)
+    arrivals = {0: [0, 1], 2: [2, 3], 3: [4]}
+    for step in range(40):
+        new = [Request(i, tokenizer(rows[i][0]).input_ids, rows[i][1], MAX_NEW, beams=2 if i == 4 else 1)
+               for i in arrivals.get(step, [])]
+        done = batch.admit(new) if new else []
+        done += batch.decode()
+        got.update({r.key: r for r in done})
+    template = len(tokenizer(render_prompt(DEFAULT_TEMPLATE, "en", "de", "")).input_ids) - 2
+    assert prefixes.reused_tokens >= 3 * template  # rows 2, 3 and 4 each reused at least the template
+    fresh = RunningBatch(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), True, prefixes)
+    done = fresh.admit([Request(5, tokenizer(rows[5][0]).input_ids, rows[5][1], MAX_NEW)])
+    while len(fresh):
+        done += fresh.decode()
+    got[5] = done[0]
+    assert {i: decoded(tokenizer, 0, r.new).text for i, r in got.items() if i != 4} == {
+        i: text for i, text in enumerate(alone) if i != 4}
+    assert got[4].hypotheses == beam
