@@ -10,9 +10,12 @@
 2. Forward checks at batch 16, fixed 32 new tokens (EOS suppressed, so every variant does the same
    work): unpatched vs routed single-pair vs routed mixed-pair generation.
 3. Memory: peak RSS of this process, and one base + the artifact vs one model copy per pair.
+4. Time to first token at concurrency 1 (the server's histogram), with each pair's prompt prefix reused
+   (`--prefix-reuse`, the default) and without.
 
 Targets (issue 4): routing ≤ 5 % throughput cost; mixed-pair batch within 3 % of single-pair;
-≥ 5× the naive baseline at concurrency 32; serving tokens/s ≥ 80 % of the bare batched forward.
+≥ 5× the naive baseline at concurrency 32; serving tokens/s ≥ 80 % of the bare batched forward;
+(issue 15) time to first token with prefix reuse ≤ 60 % of without.
 Writes bench/results/serving.json and the "Serving" section of docs/BENCHMARKS.md.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -64,10 +68,20 @@ def workload(directions: list[str], n: int) -> list[tuple[str, str, str]]:
     return [(*d.split("-"), per[d][i // len(directions)][0]) for i, d in zip(range(n), cycle, strict=False)]
 
 
-def generated_tokens(base: str) -> float:
+def metric_sum(base: str, prefix: str) -> float:
+    """The sum of every sample of the server's metrics whose line starts with `prefix`."""
     text = httpx.get(f"{base}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("landermt_generated_tokens_total{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def generated_tokens(base: str) -> float:
+    return metric_sum(base, "landermt_generated_tokens_total{")
+
+
+def first_token_totals(base: str) -> tuple[float, float]:
+    """(seconds, rows) so far of the time-to-first-token histogram."""
+    return (metric_sum(base, "landermt_time_to_first_token_seconds_sum"),
+            metric_sum(base, "landermt_time_to_first_token_seconds_count"))
 
 
 class ServerThread:
@@ -102,15 +116,17 @@ async def load(base: str, items: list[tuple[str, str, str]], concurrency: int) -
             response.raise_for_status()
             latencies.append(time.monotonic() - started)
 
-    tokens_before = generated_tokens(base)
+    tokens_before, first_before = generated_tokens(base), first_token_totals(base)
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=600) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     wall = time.monotonic() - started
     tokens = generated_tokens(base) - tokens_before
+    first = [after - before for after, before in zip(first_token_totals(base), first_before, strict=True)]
     latencies.sort()
     return {"concurrency": concurrency, "sentences": len(items), "seconds": round(wall, 2),
             "sentences_per_s": round(len(items) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "first_token_mean_s": round(first[0] / max(first[1], 1), 4),
             "p50_s": round(statistics.median(latencies), 3),
             "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)}
 
@@ -123,13 +139,13 @@ def torch_engine(model, tokenizer, artifact, settings: Settings) -> Engine:
 
 
 def serve_and_load(engine: Engine, items: list[tuple[str, str, str]], sentences: int,
-                   then: Callable[[str], object] | None = None) -> list[dict]:
+                   then: Callable[[str], object] | None = None, levels: tuple[int, ...] = CONCURRENCY) -> list[dict]:
     """Load levels against the engine behind the real HTTP server; `then(base_url)` runs before it stops."""
     out = []
     with tempfile.TemporaryDirectory() as tmp, ServerThread(engine, Path(tmp) / "jobs.sqlite3") as base:
-        httpx.post(f"{base}/translate", json={"q": items[0][2], "source": items[0][0], "target": items[0][1]},
-                   timeout=600)  # warm-up
-        for concurrency in CONCURRENCY:
+        for source, target in sorted({(s, t) for s, t, _ in items}):  # warm-up (and each pair's prompt prefix)
+            httpx.post(f"{base}/translate", json={"q": "Hello.", "source": source, "target": target}, timeout=600)
+        for concurrency in levels:
             n = max(8, sentences // 4) if concurrency == 1 else sentences
             out.append(asyncio.run(load(base, items[:n], concurrency)))
             print(out[-1], flush=True)
@@ -195,6 +211,9 @@ def main() -> None:
     print("load: routed", flush=True)
     routed = serve_and_load(torch_engine(model, tokenizer, artifact, settings), items, args.sentences)
     rss_served = peak_rss_mib()
+    print("load: routed, no prefix reuse (concurrency 1)", flush=True)
+    without = dataclasses.replace(settings, prefix_reuse=False)
+    no_reuse = serve_and_load(torch_engine(model, tokenizer, artifact, without), items, args.sentences, levels=(1,))
 
     unpatch(model, family)  # the same weights, plain FFN: what routing costs
     forward["unpatched"] = fixed_generation_seconds(model, tokenizer, prompts, None)
@@ -212,7 +231,7 @@ def main() -> None:
         "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": str(artifact.dtype),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "artifact": args.artifact, "directions": directions, "batch": BATCH,
-        "load": {"routed": routed, "routing off": plain, "naive": baseline},
+        "load": {"routed": routed, "routed, no prefix reuse": no_reuse, "routing off": plain, "naive": baseline},
         "forward_tokens_per_s": forward_tokens,
         "checks": {
             "routing cost (forward, mixed vs unpatched)": round(1 - forward_tokens["routed mixed pairs"]
@@ -224,6 +243,8 @@ def main() -> None:
             "speed-up over naive (sentences/s, c=32)": round(at32["sentences_per_s"] / baseline["sentences_per_s"], 2),
             "served / bare forward tokens/s (c=32)": round(at32["tokens_per_s"] / forward_tokens["routed mixed pairs"],
                                                            3),
+            "time to first token, prefix reuse / none (c=1)": round(
+                {r["concurrency"]: r for r in routed}[1]["first_token_mean_s"] / no_reuse[0]["first_token_mean_s"], 3),
         },
         "memory_mib": {"peak_rss_model_loaded": rss_base, "peak_rss_serving": rss_served,
                        "model_weights": round(model_mib), "artifact_files": round(artifact_mib, 1),
@@ -244,18 +265,19 @@ def _free_port() -> int:
 
 def load_table(column: str, loads: dict[str, list[dict]]) -> list[str]:
     """Markdown rows of `load()` results, one per (name, concurrency level)."""
-    rows = [f"| {column} | concurrency | sentences | sentences/s | tokens/s | p50 s | p95 s |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [f"| {column} | concurrency | sentences | sentences/s | tokens/s | p50 s | p95 s | first token s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, levels in loads.items():
         for x in levels:
             rows.append(f"| {name} | {x['concurrency']} | {x['sentences']} | {x['sentences_per_s']:.2f} | "
-                        f"{x['tokens_per_s']:.1f} | {x['p50_s']:.2f} | {x['p95_s']:.2f} |")
+                        f"{x['tokens_per_s']:.1f} | {x['p50_s']:.2f} | {x['p95_s']:.2f} | "
+                        f"{x.get('first_token_mean_s', '')} |")
     return rows
 
 
 def write_markdown(r: dict) -> None:
     m = r["machine"]
-    rows = load_table("server", {name: r["load"][name] for name in ("routed", "routing off")})
+    rows = load_table("server", {name: levels for name, levels in r["load"].items() if name != "naive"})
     n = r["load"]["naive"]
     rows.append(f"| naive (transformers generate, one at a time) | 1 | {n['sentences']} | "
                 f"{n['sentences_per_s']:.2f} | {n['tokens_per_s']:.1f} | | |")
@@ -265,7 +287,9 @@ def write_markdown(r: dict) -> None:
                "routing cost (served, c=32)": ("≤ 5 %", c["routing cost (served, c=32)"] <= 0.05),
                "mixed vs single pair (forward)": ("≤ 3 %", c["mixed vs single pair (forward)"] <= 0.03),
                "speed-up over naive (sentences/s, c=32)": ("≥ 5×", c["speed-up over naive (sentences/s, c=32)"] >= 5),
-               "served / bare forward tokens/s (c=32)": ("≥ 80 %", c["served / bare forward tokens/s (c=32)"] >= 0.8)}
+               "served / bare forward tokens/s (c=32)": ("≥ 80 %", c["served / bare forward tokens/s (c=32)"] >= 0.8),
+               "time to first token, prefix reuse / none (c=1)": (
+                   "≤ 60 %", c["time to first token, prefix reuse / none (c=1)"] <= 0.6)}
     checks = ["| check | value | target | met |", "|---|---:|---|---|"] + [
         f"| {name} | {c[name]:.3g} | {target} | {'yes' if ok else 'NO'} |" for name, (target, ok) in targets.items()]
     mem = ["| memory | MiB |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in r["memory_mib"].items()]
