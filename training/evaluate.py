@@ -55,18 +55,20 @@ class Sentence:
 
 
 def translate_all(model, tokenizer, template: str, sentences: list[Sentence], batch_size: int = 16,
-                  max_new_tokens: int = 256, desc: str = "translate") -> list[str]:
+                  max_new_tokens: int = 256, desc: str = "translate", beams: int = 1) -> list[str]:
     """Greedy on the continuous-batching decoder (landermt.decode, the server's code path), every direction in
     one stream: up to `batch_size` rows at once, of any pairs, a finished row's place taken by the next sentence
     at the next step; prompts and each row's new-token budget as the server makes them (PromptEncoder,
     new_token_budget). Longest prompts go first, so rows of similar length share the batch. Each output equals
-    that sentence alone."""
+    that sentence alone. `beams` > 1: beam search of that width (the server's `num_beams`); a sentence then takes
+    `beams` of the batch's `batch_size` rows."""
     shots = {(s.source_lang, s.target_lang): list(s.shots) for s in sentences}
     prompts = PromptEncoder(tokenizer, template, lambda source, target: shots[source, target])
     requests = []
     for i, s in enumerate(sentences):
         prompt = prompts.encode(s.source_lang, s.target_lang, s.text)
-        requests.append(Request(i, prompt.ids, s.pair_id, new_token_budget(prompt.source_tokens, max_new_tokens)))
+        requests.append(Request(i, prompt.ids, s.pair_id, new_token_budget(prompt.source_tokens, max_new_tokens),
+                                beams))
     routed = {s.pair_id is not None for s in sentences}
     if len(routed) > 1:
         raise ValueError("sentences must all be routed or all unrouted")
@@ -76,7 +78,8 @@ def translate_all(model, tokenizer, template: str, sentences: list[Sentence], ba
     with tqdm(total=len(sentences), desc=desc, unit="sentence", leave=False) as bar:
         while waiting or len(batch):
             admitted = []
-            while waiting and len(batch) + len(admitted) < batch_size and batch.can_admit(waiting[0].prompt_tokens):
+            while (waiting and (not (len(batch) or admitted) or len(batch) + beams * (len(admitted) + 1) <= batch_size)
+                   and batch.can_admit(waiting[0].prompt_tokens)):
                 admitted.append(waiting.pop(0))
             done = batch.admit(admitted) if admitted else []
             done += batch.decode()
@@ -155,14 +158,15 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def evaluate_directions(model, tokenizer, template: str, directions: list[str], testset_name: str,
                         data_root: str | None, limit: int | None, pair_id, batch_size: int = 16,
-                        max_new_tokens: int = 256, shots=None) -> dict[str, dict]:
+                        max_new_tokens: int = 256, shots=None, beams: int = 1) -> dict[str, dict]:
     """{direction: scores}; `pair_id(src, tgt)` gives the routing id (None: base path);
     `shots(src, tgt)` gives few-shot examples."""
     lines = {d: evaluation_set(data_root, testset_name, *d.split("-"))[:limit] for d in directions}
     sentences = [Sentence(*d.split("-"), source, pair_id(*d.split("-")), tuple(shots(*d.split("-")) if shots else ()))
                  for d in directions for source, _ in lines[d]]
+    # all directions in one stream: no per-direction tail
     hyps = iter(translate_all(model, tokenizer, template, sentences, batch_size, max_new_tokens,
-                              f"translate {testset_name}"))  # all directions in one stream: no per-direction tail
+                              f"translate {testset_name}", beams))
     languages = {*LANGUAGES, *(code for d in directions for code in d.split("-"))}
     results = {}
     for direction in directions:
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="sentences per direction")
     parser.add_argument("--data", default=None)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--beams", type=int, default=1, help="1: greedy; n: beam search of width n")
     parser.add_argument("--unrouted", action="store_true",
                         help="trained weights, but every neuron for every direction (no routing mask)")
     parser.add_argument("--output", default=None, help="JSON file (a .md table is written beside it)")
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         artifact.apply(model)
         pair_id = (lambda src, tgt: None) if args.unrouted else artifact.partition.pair_id
         results = evaluate_directions(model, tokenizer, m.prompt_template, directions, args.testset, args.data,
-                                      args.limit, pair_id, args.batch_size)
+                                      args.limit, pair_id, args.batch_size, beams=args.beams)
     table = markdown_table(results)
     print(table)
     if args.output:
