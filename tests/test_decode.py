@@ -222,3 +222,20 @@ def test_rows_reusing_their_pairs_prompt_prefix_match_each_row_alone(family, tok
     assert {i: decoded(tokenizer, 0, r.new).text for i, r in got.items() if i != 4} == {
         i: text for i, text in enumerate(alone) if i != 4}
     assert got[4].hypotheses == beam
+
+
+def test_evaluation_with_beams_gives_each_sentence_its_solo_beam_search(tokenizer):
+    """translate_all(beams=2): each sentence's best hypothesis of the search run alone; a sentence takes two of
+    the batch's five rows, so at most two are in flight."""
+    from training.evaluate import Sentence, translate_all
+
+    model = routed(tiny_model("qwen2", len(tokenizer)))
+    sentences = [Sentence("en", "de", en, 1) for en, _ in PARALLEL["de"][:3]]
+    sentences += [Sentence("fr", "en", fr, 2) for _, fr in PARALLEL["fr"][:3]]
+    got = translate_all(model, tokenizer, DEFAULT_TEMPLATE, sentences, batch_size=5, max_new_tokens=MAX_NEW, beams=2)
+    stops = stop_token_ids(tokenizer)
+    prompts = [tokenizer(render_prompt(DEFAULT_TEMPLATE, s.source_lang, s.target_lang, s.text)).input_ids
+               for s in sentences]
+    want = [decoded(tokenizer, 0, beam_alone(model, ids, s.pair_id, 2, MAX_NEW, stops)[0]).text
+            for ids, s in zip(prompts, sentences, strict=True)]
+    assert got == want

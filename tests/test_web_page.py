@@ -53,7 +53,9 @@ def wait_for(driver, condition, timeout: float = 60):
 
 
 def api(server: str, q: str, source: str, target: str) -> dict:
-    return httpx.post(f"{server}/translate", json={"q": q, "source": source, "target": target}, timeout=60).json()
+    """The API's answer to what the page asks: the translation and up to 3 alternatives (a beam of 4)."""
+    return httpx.post(f"{server}/translate", json={"q": q, "source": source, "target": target, "alternatives": 3},
+                      timeout=120).json()
 
 
 def test_translate_detect_swap_and_errors(server, browser):
@@ -67,9 +69,12 @@ def test_translate_detect_swap_and_errors(server, browser):
     text.send_keys(TEXTS["en"])
     text.send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard alone translates
     result = browser.find_element(By.ID, "result")
-    expected = api(server, TEXTS["en"], "en", "de")["translatedText"]
+    answer = api(server, TEXTS["en"], "en", "de")
+    expected = answer["translatedText"]
     wait_for(browser, lambda d: result.text not in ("", "…"))
     assert result.text == expected.strip() and browser.find_element(By.ID, "count").text == str(len(TEXTS["en"]))
+    shown = [item.text for item in browser.find_elements(By.CSS_SELECTOR, "#alternatives li")]
+    assert shown == [text.strip() for text in answer["alternatives"]]
     screenshot(browser, "web_page")
 
     browser.find_element(By.ID, "swap").click()  # de -> en, the translation becomes the text
