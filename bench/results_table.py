@@ -97,8 +97,8 @@ def main() -> None:
     directions = list(next(iter(rows.values()))["bleu"])
     lines = ["| method | steps | " + " | ".join(directions) + " | mean BLEU | mean chrF | off-target | Δ ppl | s/step "
              "| train peak MiB |", "|---|---:|" + "---:|" * (len(directions) + 6)]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['steps']} | " + " | ".join(f"{r['bleu'][d]:.1f}" for d in directions)
+    for row, r in rows.items():
+        lines.append(f"| {row} | {r['steps']} | " + " | ".join(f"{r['bleu'][d]:.1f}" for d in directions)
                      + f" | **{r['mean_bleu']:.2f}**{interval(r)} | {r['mean_chrf']:.1f} | "
                      f"{100 * r['off_target']:.0f}% | {100 * r['perplexity_change']:+.0f}% | "
                      f"{r.get('seconds_per_step') or ''} | {r.get('train_peak_rss_mib') or ''} |")

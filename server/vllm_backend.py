@@ -114,9 +114,10 @@ class VllmBackend:
         tokens, params = self.request(row.prompt_ids, row.pair_id, row.max_new_tokens)
         generated: list[int] = []
         async for output in self.llm.generate(tokens, params, request_id=f"landermt-{next(self.request_ids)}"):
-            if not generated:
+            new_ids = output.outputs[0].token_ids
+            if new_ids and not generated:  # an output may carry no token yet: time the first that does, once
                 self.metrics.first_token_seconds.observe(time.monotonic() - row.queued_at)
-            generated += output.outputs[0].token_ids
+            generated += new_ids
         return generated
 
     async def _beam(self, row: Row) -> list[list[int]]:
