@@ -24,7 +24,7 @@ import yaml
 from report import update_section  # bench/report.py, beside this script
 
 from training.config import NEURON_METHODS
-from training.evaluate import mean_bleu_interval
+from training.evaluate import mean_bleu_interval, paired_difference_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,10 +66,13 @@ def main() -> None:
     parser.add_argument("--testset", default="flores")
     parser.add_argument("--table", default=None, help="a table of its own, bench/results/table_TABLE.json and its "
                         "section (runs of another budget or sample size than the main table's); default: TESTSET")
+    parser.add_argument("--against", type=Path, default=None, help="a run (one of RUN) every other row is compared "
+                        "with: the paired bootstrap interval of the difference in mean BLEU on the same sentences")
     args = parser.parse_args()
     name = args.table or args.testset
     table = ROOT / "bench" / "results" / f"table_{name}.json"
     rows = json.loads(table.read_text()) if table.exists() else {}
+    against = json.loads((args.against / "eval.json").read_text()) if args.against else None
     for run in args.runs:
         result = json.loads((run / "eval.json").read_text())
         config = yaml.safe_load((run / "config.yaml").read_text())
@@ -92,6 +95,14 @@ def main() -> None:
             "dev_loss": {e["step"]: e["dev_loss"] for e in log if "dev_loss" in e},
             "run": str(run),
         }
+        if against is not None and run != args.against:  # paired: the same sentences, the same resamples
+            baseline = against["testsets"][args.testset]
+            rows[row_name(result["method"], config, run)]["mean_bleu_difference"] = {
+                "against": row_name(against["method"], yaml.safe_load((args.against / "config.yaml").read_text()),
+                                    args.against),
+                "difference": (sum(s["bleu"] for s in scores.values())
+                               - sum(s["bleu"] for s in baseline.values())) / len(scores),
+                "interval": paired_difference_interval(scores, baseline)}
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(json.dumps(rows, indent=2) + "\n")
     directions = list(next(iter(rows.values()))["bleu"])
@@ -113,6 +124,10 @@ def main() -> None:
         "relative change of perplexity on held-out FLORES dev text per language (forgetting).",
         "",
         *lines,
+        "",
+        *[f"* {row} − {d['against']}: {d['difference']:+.2f} mean BLEU, paired 95% bootstrap interval "
+          f"[{d['interval'][0]:+.2f}, {d['interval'][1]:+.2f}]" for row, r in rows.items()
+          if (d := r.get("mean_bleu_difference")) and d["interval"]],
         "",
         f"![BLEU per direction](figures/methods_{name}.png)",
         "",

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Step 7's final comparison (docs/RESULTS.md, "Methods on flores-step7"): routed LANDeRMT under the delta rule
 # with the settings chosen on FLORES dev (configs/quick-tuned.yaml) against LoRA r8 at its dev-best learning rate
-# and the untouched base (zero-shot), on the first LIMIT FLORES devtest sentences of all 10 directions.
+# and the untouched base (zero-shot and five-shot prompting), on the first LIMIT FLORES devtest sentences of all 10 directions.
 #
 # Equal training wall time, same data order: LoRA gets STEPS × 384 / 481 steps, the ratio of the two methods'
 # times for the same 150 steps measured side by side on one idle machine (docs/RESULTS.md, "Devtest check").
 # Fixing the step counts from that ratio keeps the comparison fair however busy the machine is meanwhile.
 #
-#   bash bench/step7_final.sh            # STEPS=600 LIMIT=100 LORA_LR=1e-3 ZERO_SHOT=1 (resumable: run it again)
+#   bash bench/step7_final.sh            # STEPS=600 LIMIT=100 LORA_LR=1e-3 BASELINES=1 (resumable: run it again)
 #
 # This CPU translates about 1 devtest sentence/s here, so 200 sentences per direction cost 35 minutes per row;
-# the 2026-12-02 run used LIMIT=100 and ZERO_SHOT=0 to fit its session.
+# the 2026-12-02 run used LIMIT=100 and BASELINES=0 to fit its session; the base rows followed on 2026-12-03.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
 STEPS=${STEPS:-600}
 LIMIT=${LIMIT:-100}
-ZERO_SHOT=${ZERO_SHOT:-1}
+BASELINES=${BASELINES:-1}
 LORA_LR=${LORA_LR:-1e-3}
 LORA_STEPS=$(( STEPS * 384 / 481 ))
 OUT=${OUT:-runs/step7-final}
@@ -26,8 +26,10 @@ python -m training.run "${common[@]}" --output "$OUT/delta" --set "train.steps=$
 python -m training.run "${common[@]}" --output "$OUT/lora" --method lora --set "train.steps=$LORA_STEPS" \
   --set "train.lr=$LORA_LR"
 rows=("$OUT/lora" "$OUT/delta")
-if [ "$ZERO_SHOT" = 1 ]; then
-  python -m training.run "${common[@]}" --output "$OUT/zero_shot" --method zero_shot
-  rows=("$OUT/zero_shot" "${rows[@]}")
+if [ "$BASELINES" = 1 ]; then
+  for method in zero_shot few_shot; do
+    python -m training.run "${common[@]}" --output "$OUT/$method" --method "$method"
+  done
+  rows=("$OUT/zero_shot" "$OUT/few_shot" "${rows[@]}")
 fi
 python bench/results_table.py "${rows[@]}" --table flores-step7

@@ -15,7 +15,7 @@ from landermt.models import load_model
 from landermt.routing import unpatch
 from training.data import TEMPLATES, encode, evaluation_set, keep, training_pairs
 from training.evaluate import main as evaluate_main
-from training.evaluate import mean_bleu_interval, score, translate
+from training.evaluate import mean_bleu_interval, paired_difference_interval, score, translate
 from training.run import main as run_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +129,10 @@ def test_mean_bleu_interval_is_a_bootstrap_over_each_directions_sentences():
     mean = (noisy["en-de"]["bleu"] + noisy["de-en"]["bleu"]) / 2
     assert low < mean < high < 100 and high - low > 2
     assert mean_bleu_interval(noisy) == (low, high)  # seeded
+    worse = {"en-de": score(half, refs, "de"), "de-en": score(half, refs, "en")}
+    better_low, better_high = paired_difference_interval(noisy, worse)
+    assert 0 < better_low < (noisy["de-en"]["bleu"] - worse["de-en"]["bleu"]) / 2 < better_high
+    assert paired_difference_interval(noisy, noisy) == (0.0, 0.0)  # the same draws for both runs
     del noisy["en-de"]["bleu_stats"]  # results from before the statistics were kept
     assert mean_bleu_interval(noisy) is None
 

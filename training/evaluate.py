@@ -113,20 +113,41 @@ def score(hypotheses: list[str], references: list[str], target_lang: str,
         "bleu_stats": bleu._extract_corpus_statistics(hypotheses, [references])}  # what sacreBLEU resamples
 
 
-def mean_bleu_interval(results: dict[str, dict], samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
-    """95% bootstrap interval of the mean BLEU over directions: each resample draws every direction's
-    sentences with replacement and recomputes its corpus BLEU from the sentence statistics. None
-    when a direction has no statistics (results written before they were kept)."""
-    if not results or any("bleu_stats" not in r for r in results.values()):
+def bootstrap_mean_bleu(runs: list[dict[str, dict]], samples: int = 1000, seed: int = 0) -> np.ndarray | None:
+    """Bootstrap resamples of the mean BLEU over directions, shape (len(runs), samples): each resample draws
+    every direction's sentences with replacement and recomputes its corpus BLEU from the sentence statistics,
+    the same draws for every run (they must score the same sentences), so differences between runs are paired.
+    None when a direction has no statistics (results written before they were kept)."""
+    if not runs or not runs[0] or any("bleu_stats" not in r for run in runs for r in run.values()):
         return None
     rng = np.random.default_rng(seed)
-    means = np.zeros(samples)
-    for direction, r in results.items():
-        metric, stats = bleu_metric(direction.split("-")[1]), np.array(r["bleu_stats"], dtype=np.int64)
-        draws = rng.integers(0, len(stats), size=(samples, len(stats)))
-        means += [metric._compute_score_from_stats(stats[d].sum(axis=0)).score for d in draws]
-    means /= len(results)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    means = np.zeros((len(runs), samples))
+    for direction in runs[0]:
+        metric = bleu_metric(direction.split("-")[1])
+        stats = [np.array(run[direction]["bleu_stats"], dtype=np.int64) for run in runs]
+        if len({len(s) for s in stats}) != 1:
+            raise ValueError(f"{direction}: the runs scored different numbers of sentences")
+        draws = rng.integers(0, len(stats[0]), size=(samples, len(stats[0])))
+        for index, run_stats in enumerate(stats):
+            means[index] += [metric._compute_score_from_stats(run_stats[d].sum(axis=0)).score for d in draws]
+    return means / len(runs[0])
+
+
+def mean_bleu_interval(results: dict[str, dict], samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """95% bootstrap interval of the mean BLEU over directions (bootstrap_mean_bleu)."""
+    means = bootstrap_mean_bleu([results], samples, seed)
+    return None if means is None else (float(np.percentile(means[0], 2.5)), float(np.percentile(means[0], 97.5)))
+
+
+def paired_difference_interval(results: dict[str, dict], baseline: dict[str, dict], samples: int = 1000,
+                               seed: int = 0) -> tuple[float, float] | None:
+    """95% paired bootstrap interval of mean BLEU(results) − mean BLEU(baseline) on the same sentences: an
+    interval that excludes 0 is a difference the sentence sample supports (Koehn 2004's paired resampling)."""
+    means = bootstrap_mean_bleu([results, baseline], samples, seed)
+    if means is None:
+        return None
+    difference = means[0] - means[1]
+    return float(np.percentile(difference, 2.5)), float(np.percentile(difference, 97.5))
 
 
 @torch.no_grad()
