@@ -24,7 +24,7 @@ from report import update_section  # bench/report.py, beside this script
 from landermt.artifact import load_artifact
 from landermt.models import load_model
 from training.data import flores
-from training.evaluate import Sentence, mean_bleu_interval, score, translate_all
+from training.evaluate import Sentence, mean_bleu_interval, paired_difference_interval, score, translate_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def main() -> None:
     lines = {d: flores(None, "dev", *d.split("-"))[: args.limit] for d in directions}
     sentences = [Sentence(*d.split("-"), source, artifact.partition.pair_id(*d.split("-")))
                  for d in directions for source, _ in lines[d]]
-    rows = {}
+    rows, first = {}, None
     for beams in args.beams:
         started = time.monotonic()
         outputs = iter(translate_all(model, tokenizer, artifact.manifest.prompt_template, sentences, args.batch_size,
@@ -72,19 +72,23 @@ def main() -> None:
             "sentences": len(sentences), "seconds": round(seconds, 1),
             "sentences_per_s": round(len(sentences) / seconds, 3),
         }
+        first = first or results  # the first width (greedy by default) is what the others are compared with
+        rows[str(beams)]["mean_bleu_difference_interval"] = [round(b, 2) for b in
+                                                             paired_difference_interval(results, first)]
         print(beams, {k: v for k, v in rows[str(beams)].items() if k != "bleu"}, flush=True)
     result = {"machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": str(artifact.dtype),
                           "torch": torch.__version__},
               "artifact": args.artifact, "testset": "flores dev", "limit": args.limit, "widths": rows}
     out = ROOT / "bench" / "results" / "decoding.json"
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    table = ["| decoding | mean BLEU (95% CI) | mean chrF | off-target | looping outputs | sentences/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+    table = [f"| decoding | mean BLEU (95% CI) | − width {args.beams[0]} (paired 95% CI) | mean chrF | off-target "
+             "| looping outputs | sentences/s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for beams, r in rows.items():
         low, high = r["mean_bleu_interval"]
+        below, above = r["mean_bleu_difference_interval"]
         table.append(f"| {'greedy' if beams == '1' else f'beam {beams}'} | {r['mean_bleu']:.2f} ({low:.1f}–{high:.1f}) "
-                     f"| {r['mean_chrf']:.1f} | {100 * r['off_target']:.1f}% | {r['looping_outputs']} "
-                     f"| {r['sentences_per_s']:.2f} |")
+                     f"| {below:+.2f} to {above:+.2f} | {r['mean_chrf']:.1f} | {100 * r['off_target']:.1f}% "
+                     f"| {r['looping_outputs']} | {r['sentences_per_s']:.2f} |")
     m = result["machine"]
     section = "\n".join([
         "## Decoding",

@@ -32,4 +32,4 @@ if [ "$BASELINES" = 1 ]; then
   done
   rows=("$OUT/zero_shot" "$OUT/few_shot" "${rows[@]}")
 fi
-python bench/results_table.py "${rows[@]}" --table flores-step7
+python bench/results_table.py "${rows[@]}" --table flores-step7 --against "$OUT/lora"
