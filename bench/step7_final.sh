@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Step 7's final comparison (docs/RESULTS.md, "Methods on flores-step7"): routed LANDeRMT under the delta rule
 # with the settings chosen on FLORES dev (configs/quick-tuned.yaml) against LoRA r8 at its dev-best learning rate
-# and the untouched base (zero-shot and five-shot prompting), on the first LIMIT FLORES devtest sentences of all 10 directions.
+# and the untouched base (zero-shot and five-shot prompting), on the first LIMIT FLORES devtest sentences of all
+# 10 directions.
 #
 # Equal training wall time, same data order: LoRA gets STEPS × 384 / 481 steps, the ratio of the two methods'
 # times for the same 150 steps measured side by side on one idle machine (docs/RESULTS.md, "Devtest check").

@@ -136,7 +136,7 @@ def bootstrap_mean_bleu(runs: list[dict[str, dict]], samples: int = 1000, seed: 
 def mean_bleu_interval(results: dict[str, dict], samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
     """95% bootstrap interval of the mean BLEU over directions (bootstrap_mean_bleu)."""
     means = bootstrap_mean_bleu([results], samples, seed)
-    return None if means is None else (float(np.percentile(means[0], 2.5)), float(np.percentile(means[0], 97.5)))
+    return None if means is None else _central_95(means[0])
 
 
 def paired_difference_interval(results: dict[str, dict], baseline: dict[str, dict], samples: int = 1000,
@@ -144,10 +144,11 @@ def paired_difference_interval(results: dict[str, dict], baseline: dict[str, dic
     """95% paired bootstrap interval of mean BLEU(results) − mean BLEU(baseline) on the same sentences: an
     interval that excludes 0 is a difference the sentence sample supports (Koehn 2004's paired resampling)."""
     means = bootstrap_mean_bleu([results, baseline], samples, seed)
-    if means is None:
-        return None
-    difference = means[0] - means[1]
-    return float(np.percentile(difference, 2.5)), float(np.percentile(difference, 97.5))
+    return None if means is None else _central_95(means[0] - means[1])
+
+
+def _central_95(resamples: np.ndarray) -> tuple[float, float]:
+    return float(np.percentile(resamples, 2.5)), float(np.percentile(resamples, 97.5))
 
 
 @torch.no_grad()
