@@ -34,7 +34,7 @@ PAPER_EPSILON = 0.9
 
 def row_name(method: str, config: dict, run: Path) -> str:
     """The method, plus the neuron settings that distinguish runs of it: layers, and for routed methods
-    the CAR mode and ε when it is not the paper's 0.9."""
+    the CAR mode (rule mask), an attention update (rule delta) and ε when it is not the paper's 0.9."""
     if method not in NEURON_METHODS:
         return method
     partition = json.loads((run / "artifact" / "manifest.json").read_text())
@@ -44,7 +44,8 @@ def row_name(method: str, config: dict, run: Path) -> str:
         return f"{method} (layers {span})"
     epsilon = "" if partition["epsilon"] == PAPER_EPSILON else f", ε {partition['epsilon']}"
     if partition.get("routing", "mask") == "delta":  # the delta rule scales nothing: CAR does not apply
-        return f"{method} delta (layers {span}{epsilon})"
+        rank = config["method"].get("attention_rank")
+        return f"{method} delta (layers {span}{epsilon}{f', attention r{rank}' if rank else ''})"
     return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
 
 

@@ -12,7 +12,9 @@ A directory with three files, never pickled:
   layers, `layers.i.<module>.<weight|bias>` with the family's module names. Absent means base weights.
 * `update.safetensors` (optional, written by training, routing rule `delta`): only what differs from the
   base, the update trained − base of the same parameters under the same keys (the down bias, no neuron's,
-  is never updated). Absent means a zero update: the base model.
+  is never updated). Absent means a zero update: the base model. When attention was trained too
+  (method.attention_rank) it also holds `layers.i.<attention projection path>.weight` (e.g.
+  `layers.3.self_attn.q_proj.weight`): the language-general attention update (landermt.routing.AttentionUpdate).
 
 The manifest's `routing` names the rule (landermt.routing); artifacts made before it existed are `mask`.
 
@@ -35,7 +37,7 @@ from torch import nn
 from landermt.families import Family, family_of
 from landermt.models import weights_sha256
 from landermt.partition import CAR_MODES, GENERAL, LayerPartition, Partition, delta_tables
-from landermt.routing import ROUTING_RULES, DeltaFFN, RoutedFFN, patch, patch_delta
+from landermt.routing import ROUTING_RULES, AttentionUpdate, DeltaFFN, RoutedFFN, patch, patch_attention, patch_delta
 
 SCHEMA_VERSION = 1
 MANIFEST, PARTITIONS, FFN, UPDATE = "manifest.json", "partitions.safetensors", "ffn.safetensors", "update.safetensors"
@@ -141,7 +143,9 @@ class Artifact:
         if self.manifest.routing == "delta":
             modules = patch_delta(model, family, delta_tables(self.partition))
             if self.update is not None:
-                load_update(modules, self.manifest.layers, self.update)
+                attention = (patch_attention(model, family, self.manifest.layers)
+                             if attention_keys(self.update, family) else {})
+                load_update(modules, self.manifest.layers, self.update, attention)
             return modules
         if self.ffn is not None:
             load_ffn_weights(model, family, self.ffn)
@@ -158,17 +162,30 @@ def ffn_weights(model: nn.Module, family: Family, layers: list[int]) -> dict[str
     return out
 
 
-def update_weights(modules: list[DeltaFFN], layers: list[int]) -> dict[str, torch.Tensor]:
-    """The dense update of each DeltaFFN (of `layers`, in order), keyed `layers.i.<module>.<weight|bias>`."""
+def attention_keys(update: dict[str, torch.Tensor], family: Family) -> list[str]:
+    """The keys of `update` that hold an attention update (`layers.i.<projection path>.weight`)."""
+    return [key for key in update if key.split(".", 2)[-1].removesuffix(".weight") in family.attention]
+
+
+def update_weights(modules: list[DeltaFFN], layers: list[int], attention: dict[str, AttentionUpdate] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The dense update of each DeltaFFN (of `layers`, in order), keyed `layers.i.<module>.<weight|bias>`, and of
+    each attention projection in `attention` (landermt.routing.patch_attention's keys), `<its key>.weight`."""
     with torch.no_grad():
-        return {f"layers.{i}.{key.replace(':', '.')}": p.detach().cpu().contiguous()
-                for i, module in zip(layers, modules, strict=True) for key, p in module.dense_update().items()}
+        out = {f"layers.{i}.{key.replace(':', '.')}": p.detach().cpu().contiguous()
+               for i, module in zip(layers, modules, strict=True) for key, p in module.dense_update().items()}
+        out.update({f"{key}.weight": module.dense_update().detach().cpu().contiguous()
+                    for key, module in (attention or {}).items()})
+        return out
 
 
-def load_update(modules: list[DeltaFFN], layers: list[int], weights: dict[str, torch.Tensor]) -> None:
-    """Copy `update_weights` output into the DeltaFFN modules, checking every key and shape first."""
+def load_update(modules: list[DeltaFFN], layers: list[int], weights: dict[str, torch.Tensor],
+                attention: dict[str, AttentionUpdate] | None = None) -> None:
+    """Copy `update_weights` output into the DeltaFFN (and AttentionUpdate) modules, checking every key and shape
+    first."""
     targets = {f"layers.{i}.{key.replace(':', '.')}": p
                for i, module in zip(layers, modules, strict=True) for key, p in module.update.items()}
+    targets.update({f"{key}.weight": module.update for key, module in (attention or {}).items()})
     for key, value in weights.items():
         if key not in targets:
             raise ArtifactError(f"{UPDATE}: {key} is not an updated parameter of this model's routed layers")

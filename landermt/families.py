@@ -43,6 +43,7 @@ class Family:
     conv1d: bool = False  # GPT-2 Conv1D stores weights [in, out]: neurons are columns of up
     finish: Callable[..., torch.Tensor] = _plain
     copied_attributes: tuple[str, ...] = ()  # plain attributes `finish` reads from the MLP
+    attention: tuple[str, ...] = ()  # paths of the attention projections inside a decoder layer
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -65,16 +66,19 @@ class Family:
         return 1 if self.conv1d else 0
 
 
+_QKVO = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 FAMILIES: tuple[Family, ...] = (
     Family("gemma", ("gemma3_text", "gemma2", "gemma"), "model.layers",
-           up="up_proj", gate="gate_proj", down="down_proj", act="act_fn"),
+           up="up_proj", gate="gate_proj", down="down_proj", act="act_fn", attention=_QKVO),
     Family("llama", ("llama", "qwen2", "qwen3", "mistral"), "model.layers",
-           up="up_proj", gate="gate_proj", down="down_proj", act="act_fn"),
+           up="up_proj", gate="gate_proj", down="down_proj", act="act_fn", attention=_QKVO),
     Family("bloom", ("bloom",), "transformer.h",
            up="dense_h_to_4h", gate=None, down="dense_4h_to_h", act="gelu_impl",
-           finish=_bloom_finish, copied_attributes=("hidden_dropout",)),
+           finish=_bloom_finish, copied_attributes=("hidden_dropout",),
+           attention=("self_attention.query_key_value", "self_attention.dense")),
     Family("gpt2", ("gpt2",), "transformer.h",
-           up="c_fc", gate=None, down="c_proj", act="act", conv1d=True, finish=_gpt2_finish),
+           up="c_fc", gate=None, down="c_proj", act="act", conv1d=True, finish=_gpt2_finish,
+           attention=("attn.c_attn", "attn.c_proj")),
 )
 
 
@@ -84,7 +88,11 @@ class UnsupportedModelError(ValueError):
 
 def family_of(model: nn.Module) -> Family:
     """The family of a Hugging Face causal LM, from its `config.model_type`."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return family_named(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def family_named(model_type: str | None) -> Family:
+    """The family of a `config.model_type`."""
     for family in FAMILIES:
         if model_type in family.model_types:
             return family

@@ -23,6 +23,9 @@ the neurons other languages score highest (eq. 5 gives each specific neuron to i
 language), which cost more dev loss before training than training won back (docs/RESULTS.md);
 routing updates instead is what sparse finetuning does (Ansell et al. 2022, 2024).
 
+Under the delta rule attention can be given an update too (`AttentionUpdate`): attention has no neurons to
+assign to a language, so its update is language-general, added to every row with a pair id and to no other.
+
 Pair ids reach the modules through a `ContextVar` set by `route(...)`: each thread and each
 asyncio task sees its own value, so two concurrent batches cannot race on it.
 """
@@ -300,6 +303,101 @@ class DeltaFFN(nn.Module):
         return out
 
 
+class AttentionUpdate(nn.Module):
+    """One attention projection under the delta rule: the base projection, frozen, plus an update Δ shared by every
+    pair and added only to rows with a pair id, so rows with id 0 (and a batch with no ids) are the base model:
+
+        y = W x + b + [id ≠ 0] · Δ x
+
+    The base weight and bias stay registered under their own names (state-dict keys unchanged). `rank` r (training
+    only): Δ = B·P with B [out, r] trained from zero and P [r, in] fixed, drawn from N(0, 1/r) with `seed`, the
+    parametrisation of DeltaFFN's factored update, so one learning rate suits both (for Conv1D weights, stored
+    [in, out]: Δ = P·B). The artifact stores the dense Δ; at inference a batch whose rows all carry ids runs one
+    projection with the merged weight W + Δ, so the update costs nothing per token there.
+    """
+
+    def __init__(self, projection: nn.Module, conv1d: bool, rank: int | None = None, seed: int = 0):
+        super().__init__()
+        self.__dict__["base"] = projection
+        self.weight = projection.weight
+        self.bias = projection.bias
+        self.conv1d = conv1d
+        if rank is None:
+            self.factor = None
+            self.update = nn.Parameter(torch.zeros_like(self.weight), requires_grad=False)
+        else:
+            factor_shape = [self.weight.shape[0], rank] if conv1d else [rank, self.weight.shape[1]]
+            generator = torch.Generator().manual_seed(seed)
+            self.register_buffer("factor", (torch.randn(factor_shape, generator=generator) / rank**0.5).to(
+                self.weight), persistent=False)
+            trained_shape = [rank, self.weight.shape[1]] if conv1d else [self.weight.shape[0], rank]
+            self.update = nn.Parameter(self.weight.new_zeros(trained_shape), requires_grad=False)
+        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def dense_update(self) -> torch.Tensor:
+        """Δ, the shape of the base weight (what an artifact stores)."""
+        if self.factor is None:
+            return self.update
+        return self.factor @ self.update if self.conv1d else self.update @ self.factor
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.conv1d:
+            out = x @ weight
+            return out if bias is None else out + bias
+        return F.linear(x, weight, bias)
+
+    def _merged(self) -> torch.Tensor:
+        version = (self.weight._version, self.update._version)
+        if self._cache is None or self._cache[0] != version:
+            self._cache = (version, self.weight + self.dense_update())
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pair_ids = _PAIR_IDS.get()
+        if pair_ids is None or not bool((pair_ids != 0).any()):
+            return self._linear(x, self.weight, self.bias)
+        ids = pair_ids.to(x.device)
+        routed = (ids[:, None] if ids.dim() == 1 else ids)[..., None] != 0  # [B, 1 | T, 1]
+        if torch.is_grad_enabled():  # training: the update on the activations, no dense Δ or weight gradient
+            inner = x if self.factor is None else self._linear(x, self.factor, None)  # both layouts: P first
+            added = self._linear(inner, self.update, None)
+            return self._linear(x, self.weight, self.bias) + routed * added
+        out = self._linear(x, self._merged(), self.bias)
+        if bool(routed.all()):
+            return out
+        return torch.where(routed, out, self._linear(x, self.weight, self.bias))
+
+
+def _attention_slots(layer: nn.Module, family: Family) -> Iterator[tuple[str, nn.Module, str]]:
+    """(path, owning module, attribute) of each attention projection of one decoder layer."""
+    for path in family.attention:
+        owner_path, _, attr = path.rpartition(".")
+        yield path, layer.get_submodule(owner_path), attr
+
+
+def patch_attention(model: nn.Module, family: Family, layers: list[int], rank: int | None = None
+                    ) -> dict[str, AttentionUpdate]:
+    """Give the attention projections of `layers` an AttentionUpdate (zero update; factored at `rank` for training,
+    its fixed factors seeded by layer and projection). Returns {"layers.i.<projection path>": module}."""
+    decoder_layers = family.decoder_layers(model)
+    out = {}
+    for i in layers:
+        for j, (path, owner, attr) in enumerate(_attention_slots(decoder_layers[i], family)):
+            projection = getattr(owner, attr)
+            if isinstance(projection, AttentionUpdate):
+                raise ValueError(f"layer {i} {path} is already patched")
+            module = AttentionUpdate(projection, family.conv1d, rank, seed=1000 * (i + 1) + j)
+            setattr(owner, attr, module)
+            out[f"layers.{i}.{path}"] = module
+    return out
+
+
+def attention_updates(model: nn.Module, family: Family) -> dict[str, AttentionUpdate]:
+    """The AttentionUpdate modules of a patched model, keyed as patch_attention returns them."""
+    return {f"layers.{i}.{path}": layer.get_submodule(path) for i, layer in enumerate(family.decoder_layers(model))
+            for path in family.attention if isinstance(layer.get_submodule(path), AttentionUpdate)}
+
+
 def patch_delta(model: nn.Module, family: Family, tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                 rank: int | None = None) -> list[DeltaFFN]:
     """Replace the FFN of each layer in `tables` (layer -> landermt.partition.delta_tables' entry) by a DeltaFFN
@@ -323,3 +421,6 @@ def unpatch(model: nn.Module, family: Family) -> None:
     for layer in family.decoder_layers(model):
         if isinstance(layer.mlp, (RoutedFFN, DeltaFFN)):
             layer.mlp = layer.mlp.base
+        for _, owner, attr in _attention_slots(layer, family):
+            if isinstance(getattr(owner, attr), AttentionUpdate):
+                setattr(owner, attr, getattr(owner, attr).base)

@@ -163,25 +163,27 @@ def test_inspect_reports_a_bad_artifact_without_a_traceback(tmp_path, capsys):
     assert "not a LANDeRMT artifact" in capsys.readouterr().err
 
 
-def delta_copy(built, tmp_path, scale: float = 0.01):
-    """The built artifact as a delta-rule one with a random update, and the update."""
+def delta_copy(built, tmp_path, scale: float = 0.01, attention: bool = False):
+    """The built artifact as a delta-rule one with a random update (of the attention projections too, factored as
+    training makes it), and the update."""
     import dataclasses
 
     from landermt.artifact import update_weights
     from landermt.partition import delta_tables
-    from landermt.routing import patch_delta, unpatch
+    from landermt.routing import patch_attention, patch_delta, unpatch
 
     model, directory = built
     artifact = load_artifact(directory)
     family = family_of(model)
     layers = sorted(artifact.partition.layers)
     modules = patch_delta(model, family, delta_tables(artifact.partition))
+    projections = patch_attention(model, family, layers, rank=2) if attention else {}
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for module in modules:
-            for p in module.update.values():
-                p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    update = update_weights(modules, layers)
+        for p in [p for module in modules for p in module.update.values()] + [
+                m.update for m in projections.values()]:
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    update = update_weights(modules, layers, projections)
     unpatch(model, family)
     manifest = dataclasses.replace(artifact.manifest, routing="delta")
     return save_artifact(tmp_path / "delta", manifest, artifact.partition, update=update), update
@@ -206,6 +208,31 @@ def test_delta_artifact_round_trip_serves_its_update_and_keeps_the_base_hash(bui
     with torch.no_grad(), route(torch.tensor([pair, 0])):
         routed = model(**batch).logits
     assert torch.equal(routed[1], base[1]) and not torch.allclose(routed[0], base[0])
+
+
+def test_a_delta_artifact_with_an_attention_update_serves_it_to_routed_rows_only(built, tmp_path, tokenizer):
+    from landermt.artifact import attention_keys
+    from landermt.routing import attention_updates, unpatch
+
+    model, _ = built
+    family = family_of(model)
+    batch = tokenizer(["The cat sleeps.", "Wo ist der Bahnhof?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        base = model(**batch).logits
+    plain, _ = delta_copy(built, tmp_path / "plain", scale=0.05)
+    directory, update = delta_copy(built, tmp_path / "attention", scale=0.05, attention=True)
+    keys = attention_keys(update, family)
+    assert len(keys) == len(family.attention) * 2 and all(update[k].dim() == 2 for k in keys)  # stored dense
+    outputs = []
+    for folder in (plain, directory):
+        load_artifact(folder).apply(model)
+        pair = load_artifact(folder).partition.pair_id("de", "en")
+        with torch.no_grad(), route(torch.tensor([pair, 0])):
+            outputs.append(model(**batch).logits)
+        assert len(attention_updates(model, family)) == (len(keys) if folder == directory else 0)
+        unpatch(model, family)
+    assert torch.equal(outputs[1][1], base[1])  # row 0: the base model
+    assert not torch.allclose(outputs[1][0], outputs[0][0])  # the attention update acts on routed rows
 
 
 def test_delta_artifact_mismatches_are_refused(built, tmp_path, tokenizer):

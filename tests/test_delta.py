@@ -9,7 +9,7 @@ import torch
 
 from landermt.families import family_of
 from landermt.partition import delta_tables
-from landermt.routing import DeltaFFN, patch_delta, route, unpatch
+from landermt.routing import DeltaFFN, patch_attention, patch_delta, route, unpatch
 from tests.test_routing import inputs, logits, random_partition
 
 
@@ -183,3 +183,53 @@ def test_factored_training_path_equals_the_merged_path(family_model, tokenizer):
         activations = family_model(**batch).logits.float().detach()
     torch.testing.assert_close(activations, merged, rtol=1e-4, atol=1e-4)
     assert torch.equal(activations[1], base[1]) and not torch.allclose(activations[0], base[0])
+
+
+def attention_patched(model, partition, rank: int | None = 3):
+    """The delta rule with an attention update too (method.attention_rank), both updates random."""
+    modules = patched(model, partition, rank)
+    random_update(modules, scale=0.05)
+    attention = patch_attention(model, family_of(model), sorted(partition.layers), rank)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in attention.values():
+            module.update.copy_(torch.randn(module.update.shape, generator=generator) * 0.05)
+    return modules, attention
+
+
+def test_an_attention_update_starts_at_the_base_and_leaves_row_0_alone(family_model, tokenizer):
+    batch = inputs(tokenizer)
+    base = logits(family_model, batch)
+    partition = random_partition(family_model)
+    attention = patch_attention(family_model, family_of(family_model), sorted(partition.layers), rank=3)
+    assert len(attention) == 2 * len(family_of(family_model).attention)
+    ids = torch.tensor([partition.pair_id("en", "de"), 0, partition.pair_id("fr", "zh"), 2])
+    assert torch.equal(logits(family_model, batch, ids), base)  # zero update: the base bit for bit
+    unpatch(family_model, family_of(family_model))
+    modules, attention = attention_patched(family_model, partition)
+    mixed = logits(family_model, batch, ids)
+    assert torch.equal(mixed[1], base[1]) and not torch.allclose(mixed[0], base[0])
+    for pair in ids.unique():  # a mixed batch equals each pair alone (merged weight for all-routed batches)
+        rows = ids == pair
+        assert torch.equal(mixed[rows], logits(family_model, batch, torch.full_like(ids, int(pair)))[rows])
+    with torch.enable_grad(), route(ids):  # training's path (factored, on the activations) computes the same
+        trained = family_model(**batch).logits.float().detach()
+    torch.testing.assert_close(trained, mixed.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_an_attention_update_gets_no_gradient_from_base_rows(family_model, tokenizer):
+    batch = inputs(tokenizer)
+    partition = random_partition(family_model)
+    _, attention = attention_patched(family_model, partition)
+    for module in attention.values():
+        module.update.requires_grad_(True)
+
+    def gradients(ids: torch.Tensor) -> list[torch.Tensor]:
+        for module in attention.values():
+            module.update.grad = None
+        with route(ids):
+            family_model(**batch).logits.float().square().mean().backward()
+        return [module.update.grad for module in attention.values()]
+
+    assert all(g is None or torch.all(g == 0) for g in gradients(torch.zeros(4, dtype=torch.long)))
+    assert all(g.abs().sum() > 0 for g in gradients(torch.full((4,), partition.pair_id("en", "de"))))

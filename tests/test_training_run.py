@@ -107,6 +107,23 @@ def test_every_method_runs_through_the_same_pipeline(tmp_path, method):
     assert (tmp_path / method / "artifact" / "update.safetensors").exists() == (method in ("ls", "lg"))
 
 
+def test_an_attention_update_trains_and_lands_in_the_artifact(tmp_path):
+    """method.attention_rank: the attention projections' update trains beside the FFNs' and lands in the artifact's
+    update.safetensors."""
+    from landermt.artifact import attention_keys
+    from landermt.families import family_named
+
+    config = smoke_config(tmp_path, method__attention_rank=2, train__steps=4, eval__limit=2)
+    out = tmp_path / "attention"
+    run_main(["--config", str(config), "--output", str(out)])
+    artifact = load_artifact(out / "artifact")
+    keys = attention_keys(artifact.update, family_named(artifact.manifest.base_model.model_type))
+    assert len(keys) == 4 * len(artifact.manifest.layers)  # q, k, v, o of every routed layer
+    assert all(artifact.update[key].abs().sum() > 0 for key in keys)
+    trained = {k for k in load_file(out / "trained.safetensors") if k.endswith(".update")}
+    assert len(trained) == len(keys)
+
+
 def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     """The transfer-matrix setting: only en-de rows train, so under routing only general, en- and
     de-specific neurons move, and every direction is still evaluated."""
@@ -139,6 +156,7 @@ def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     ({"train": {"learning_rate": 1}}, "train.learning_rate: Extra inputs are not permitted"),
     ({"method": {"name": "magic"}}, "method.name: Input should be"),
     ({"data": {"languages": ["en", "de"]}}, "drop 'en'"),
+    ({"method": {"name": "lora", "attention_rank": 4}}, "method.attention_rank: only for method landermt under"),
 ])
 def test_config_errors_name_the_key(tmp_path, body, message):
     path = tmp_path / "bad.yaml"

@@ -65,7 +65,7 @@ ROWS = [("en", "de", PARALLEL["de"][0][0]), ("de", "en", PARALLEL["de"][1][1]), 
 
 def build_tiny(root: Path, model, routing: str = "mask") -> Path:
     """root/base_model (the model + tokenizer) and root/artifact (layers 1 and 2, trained-looking weights: rule
-    mask, moved FFN weights; rule delta, a random update)."""
+    mask, moved FFN weights; rule delta, a random update of the FFNs and the attention projections)."""
     tokenizer = train_tokenizer()
     model.save_pretrained(root / "base_model")
     tokenizer.save_pretrained(root / "base_model")
@@ -74,10 +74,13 @@ def build_tiny(root: Path, model, routing: str = "mask") -> Path:
                                 detect_samples=4, score_samples=6, batch_size=4, layers=[1, 2], model_name="tiny")
     family = family_of(model)
     torch.manual_seed(1)
-    if routing == "delta":  # what training would write: an update of every selected layer's FFN weights
+    if routing == "delta":  # what training would write: an update of every selected layer's FFN and attention weights
         update = {f"layers.{layer}.{name}.weight": 0.05 * torch.randn_like(param)
                   for layer in manifest.layers for name, param in [
                       (n.removesuffix(".weight"), p) for n, p in family.ffns(model)[layer].named_parameters()]}
+        update |= {f"layers.{layer}.{path}.weight": 0.05 * torch.randn_like(
+            family.decoder_layers(model)[layer].get_submodule(path).weight)
+            for layer in manifest.layers for path in family.attention}
         save_artifact(root / "artifact", dataclasses.replace(manifest, routing="delta"), partition, update=update)
         return root
     with torch.no_grad():  # what training would do: move the selected layers' FFN weights

@@ -10,6 +10,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from training.data import TESTSETS
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -91,6 +93,9 @@ class MethodConfig(Strict):
     # rule delta: each neuron's update as `update_rank` trained numbers times a fixed random factor
     # (landermt.routing.DeltaFFN); None: a dense update
     update_rank: int | None = Field(None, ge=1)
+    # rule delta, method landermt: a language-general update of the routed layers' attention projections too
+    # (landermt.routing.AttentionUpdate), factored at this rank; None: attention stays the base model's
+    attention_rank: int | None = Field(None, ge=1)
     objective: Literal["lm", "translation"] = "lm"
     detect_samples: int = Field(64, ge=0)  # 0: no layer detection (then `layers` must be given)
     score_samples: int = Field(200, ge=1)
@@ -116,7 +121,7 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    testsets: list[Literal["flores", "wmt", "iwslt", "tatoeba"]] = ["flores"]
+    testsets: list[Literal[TESTSETS]] = ["flores"]  # training/data.py; flores_dev: dev lines for choosing by BLEU
     limit: int | None = Field(None, gt=0)  # sentences per direction; None: all
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(256, ge=1)
@@ -138,6 +143,8 @@ class RunConfig(Strict):
         if self.method.layers is not None and (not self.method.layers or min(self.method.layers) < 0
                                                or len(set(self.method.layers)) != len(self.method.layers)):
             raise ValueError("method.layers: give distinct non-negative layer indices, or leave it out")
+        if self.method.attention_rank is not None and (self.method.name, self.method.routing) != ("landermt", "delta"):
+            raise ValueError("method.attention_rank: only for method landermt under routing delta")
         if "en" in self.data.languages:
             raise ValueError("data.languages lists the languages paired with English; drop 'en'")
         unknown = set(self.data.train_directions or []) - set(self.data.directions())

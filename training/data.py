@@ -37,7 +37,10 @@ TEMPLATES: tuple[str, ...] = (
 FLORES = {"en": "eng_Latn", "de": "deu_Latn", "fr": "fra_Latn", "it": "ita_Latn", "ar": "arb_Arab",
           "zh": "zho_Hans", "es": "spa_Latn", "ru": "rus_Cyrl", "ja": "jpn_Jpan"}
 TATOEBA = {"de": "deu", "fr": "fra", "it": "ita", "ar": "ara", "zh": "cmn"}
-TESTSETS = ("flores", "wmt", "iwslt", "tatoeba")
+TESTSETS = ("flores", "flores_dev", "wmt", "iwslt", "tatoeba")
+# `flores_dev`, for choosing settings by BLEU without touching devtest: FLORES dev lines 100-799. The first lines
+# give the dev loss (data.dev_examples_per_direction), the last the few-shot examples and held-out perplexity text.
+FLORES_DEV_BLEU = slice(100, 800)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ def evaluation_set(root: str | Path | None, name: str, source: str, target: str)
     other = target if source == "en" else source
     if name == "flores":
         return flores(root, "devtest", source, target)
+    if name == "flores_dev":
+        return flores(root, "dev", source, target)[FLORES_DEV_BLEU]
     if name == "wmt":
         files = {"fr": "newstest2014.en-fr", "de": "newstest2016.en-de"}
         folder = base / "wmt"

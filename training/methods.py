@@ -16,7 +16,7 @@ from torch import nn
 
 from landermt.families import family_of
 from landermt.partition import Partition, delta_tables
-from landermt.routing import patch, patch_delta
+from landermt.routing import patch, patch_attention, patch_delta
 from training.config import METHOD_SPECS, MethodConfig
 
 FFN_PARTS = ("up", "gate", "down")
@@ -98,6 +98,9 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
     else:
         params = _ffn_parameters(model, layers)
         patch(model, family_of(model), partition.scale_tables())
+    if method.attention_rank is not None:  # method landermt only (config): every pair shares it
+        attention = patch_attention(model, family_of(model), layers, method.attention_rank)
+        params += [(f"{path}.update", module.update, 0) for path, module in attention.items()]
     for _, p, _ in params:
         p.requires_grad_(True)
     if name == "layers":

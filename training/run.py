@@ -35,6 +35,7 @@ from landermt.data import data_root, training_corpora
 from landermt.families import family_of
 from landermt.models import load_model, resolve_dtype, weights_sha256
 from landermt.prompts import DEFAULT_TEMPLATE, translation_example
+from landermt.routing import attention_updates
 from training import data as train_data
 from training.config import FINETUNED, METHOD_SPECS, METHODS, NEURON_METHODS, ConfigError, RunConfig, load_config
 from training.evaluate import evaluate_directions, markdown_table, perplexity
@@ -139,9 +140,10 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
     prepared = prepare(model, c.method, artifact.partition if artifact else None)
     if c.method.name not in FINETUNED:
         return prepared.model, None
-    # train_directions is left out when unset, so runs made before it existed keep their cached weights
+    # settings added after runs were made are left out while unset, so those runs keep their cached weights
     data = c.data.model_dump(exclude=set() if c.data.train_directions else {"train_directions"})
-    key = fingerprint(upstream, c.method.model_dump(), c.train.model_dump(), data)
+    method = c.method.model_dump(exclude=set() if c.method.attention_rank else {"attention_rank"})
+    key = fingerprint(upstream, method, c.train.model_dump(), data)
     trained_path = run.output / "trained.safetensors"
     if run.cached("finetune", key, "trained.safetensors"):
         print("finetune: cached", flush=True)
@@ -188,7 +190,7 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
         family, layers = family_of(model), sorted(artifact.partition.layers)
         manifest = dataclasses.replace(artifact.manifest, routing=c.method.routing)
         if c.method.routing == "delta":
-            update = update_weights([family.ffns(model)[i] for i in layers], layers)
+            update = update_weights([family.ffns(model)[i] for i in layers], layers, attention_updates(model, family))
             save_artifact(run.output / "artifact", manifest, artifact.partition, update=update)
         else:
             save_artifact(run.output / "artifact", manifest, artifact.partition, ffn=ffn_weights(model, family, layers))

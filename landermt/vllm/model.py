@@ -22,7 +22,9 @@ specific neurons' update is added, weighted by the pair's row of `uses` (1: its 
 
 Each tensor-parallel rank keeps the specific neurons of its shard; the down correction is summed across
 ranks like the down projection. Pair id 0 (the unpatched base) would need the unmerged weights, a second full
-pass: a delta artifact's vLLM model serves its pairs only (ids 1 … pairs), and refuses 0.
+pass: a delta artifact's vLLM model serves its pairs only (ids 1 … pairs), and refuses 0. For the same reason an
+attention update (landermt.routing.AttentionUpdate: every pair's, language-general) is simply added to the
+checkpoint's attention weights as they stream into vLLM's own loaders (`_with_attention_update`).
 
 The routed classes subclass vLLM's Gemma 3 and Llama models. Their inner model is re-decorated
 with `support_torch_compile` declaring `pair_ids` dynamic, and its forward hands `pair_ids` (one
@@ -53,7 +55,8 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from landermt.artifact import Artifact, ArtifactError, load_artifact
+from landermt.artifact import Artifact, ArtifactError, attention_keys, load_artifact
+from landermt.families import family_named
 from landermt.partition import delta_tables
 from landermt.vllm import ARTIFACT_KEY
 from landermt.vllm.runner import model_state_cls
@@ -245,7 +248,8 @@ class _RoutedCausalLM:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The base checkpoint, then the artifact's weights: rule mask, its trained FFN weights over the selected
         layers; rule delta, its update merged into (and kept beside) the loaded weights."""
-        loaded = super().load_weights(_with_artifact_ffn(weights, self.artifact))
+        loaded = super().load_weights(_with_attention_update(_with_artifact_ffn(weights, self.artifact),
+                                                             self.artifact))
         update = self.artifact.update or {}
         for index, layer in enumerate(self.model.layers):
             if isinstance(layer.mlp, DeltaMLP) and update:
@@ -269,6 +273,20 @@ def _with_artifact_ffn(weights: Iterable[tuple[str, torch.Tensor]],
     for key, tensor in (artifact.ffn or {}).items():  # "layers.i.gate_proj.weight", Hugging Face names
         _, index, name = key.split(".", 2)
         yield f"model.layers.{index}.mlp.{name}", tensor
+
+
+def _with_attention_update(weights: Iterable[tuple[str, torch.Tensor]],
+                           artifact: Artifact) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's weights with a delta artifact's attention update added (W + Δ, in Δ's dtype as
+    AttentionUpdate merges it); refuses an update whose weight the checkpoint does not have."""
+    update = artifact.update or {}
+    family = family_named(artifact.manifest.base_model.model_type)
+    pending = {f"model.{key}": update[key] for key in attention_keys(update, family)}
+    for name, tensor in weights:
+        delta = pending.pop(name, None)
+        yield name, tensor if delta is None else tensor.to(delta.dtype) + delta.to(tensor.device)
+    if pending:
+        raise ArtifactError(f"the checkpoint has no weights {sorted(pending)[:3]} for the artifact's attention update")
 
 
 class LanderMTGemma3ForCausalLM(_RoutedCausalLM, Gemma3ForCausalLM):
