@@ -32,9 +32,10 @@ asyncio task sees its own value, so two concurrent batches cannot race on it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ from landermt.families import Family
 
 ROUTING_RULES: tuple[str, ...] = ("mask", "delta")
 
+T = TypeVar("T")
 _PAIR_IDS: ContextVar[torch.Tensor | None] = ContextVar("landermt_pair_ids", default=None)
 
 
@@ -83,6 +85,22 @@ def _replace_ffns(model: nn.Module, family: Family, tables: dict, build) -> list
         layers[index].mlp = build(ffn, table, index)
         routed.append(layers[index].mlp)
     return routed
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, conv1d: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x through a projection's weight: [out, in] as nn.Linear stores it, or [in, out] for GPT-2's Conv1D."""
+    if not conv1d:
+        return F.linear(x, weight, bias)
+    return x @ weight if bias is None else x @ weight + bias
+
+
+def _cached(module: nn.Module, compute: Callable[[], T]) -> T:
+    """compute(), kept in `module._cache` until one of the module's parameters changes (base weights or update:
+    in-place updates, as an optimizer step makes, bump a tensor's version)."""
+    version = tuple(p._version for p in module.parameters())
+    if module._cache is None or module._cache[0] != version:
+        module._cache = (version, compute())
+    return module._cache[1]
 
 
 def _scale_before_bias(pre: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -182,7 +200,7 @@ class DeltaFFN(nn.Module):
                     self.factored.append(name)
                     value = value.new_zeros([value.shape[0], rank] if axis == 0 else [rank, value.shape[1]])
                 self.update[self.key(name, kind)] = nn.Parameter(torch.zeros_like(value), requires_grad=False)
-        self._cache: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None
+        self._cache: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None  # _cached
 
     @staticmethod
     def key(module: str, kind: str) -> str:
@@ -205,12 +223,7 @@ class DeltaFFN(nn.Module):
     def _weights(self) -> dict[str, torch.Tensor]:
         """Per part: the merged weight (and bias) and the specific neurons' update slice. Under no_grad (inference)
         they are computed once per change of any parameter (in-place updates bump a tensor's version)."""
-        if torch.is_grad_enabled():
-            return self._compute_weights()
-        version = tuple(p._version for p in self.parameters())  # base weights and update
-        if self._cache is None or self._cache[0] != version:
-            self._cache = (version, self._compute_weights())
-        return self._cache[1]
+        return self._compute_weights() if torch.is_grad_enabled() else _cached(self, self._compute_weights)
 
     def _compute_weights(self) -> dict[str, torch.Tensor]:
         f, out = self.family, {}
@@ -242,7 +255,7 @@ class DeltaFFN(nn.Module):
         return functional_call(module, params, (x,))
 
     def _specific(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x @ weight if self.family.conv1d else F.linear(x, weight)
+        return _matmul(x, weight, self.family.conv1d)
 
     def _factored_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """What `name`'s update adds to its output, x·Δ without forming Δ: two thin matmuls, as LoRA computes."""
@@ -332,7 +345,7 @@ class AttentionUpdate(nn.Module):
                 self.weight), persistent=False)
             trained_shape = [rank, self.weight.shape[1]] if conv1d else [self.weight.shape[0], rank]
             self.update = nn.Parameter(self.weight.new_zeros(trained_shape), requires_grad=False)
-        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None  # _cached: the merged weight W + Δ
 
     def dense_update(self) -> torch.Tensor:
         """Δ, the shape of the base weight (what an artifact stores)."""
@@ -340,32 +353,20 @@ class AttentionUpdate(nn.Module):
             return self.update
         return self.factor @ self.update if self.conv1d else self.update @ self.factor
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.conv1d:
-            out = x @ weight
-            return out if bias is None else out + bias
-        return F.linear(x, weight, bias)
-
-    def _merged(self) -> torch.Tensor:
-        version = (self.weight._version, self.update._version)
-        if self._cache is None or self._cache[0] != version:
-            self._cache = (version, self.weight + self.dense_update())
-        return self._cache[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pair_ids = _PAIR_IDS.get()
         if pair_ids is None or not bool((pair_ids != 0).any()):
-            return self._linear(x, self.weight, self.bias)
+            return _matmul(x, self.weight, self.conv1d, self.bias)
         ids = pair_ids.to(x.device)
         routed = (ids[:, None] if ids.dim() == 1 else ids)[..., None] != 0  # [B, 1 | T, 1]
         if torch.is_grad_enabled():  # training: the update on the activations, no dense Δ or weight gradient
-            inner = x if self.factor is None else self._linear(x, self.factor, None)  # both layouts: P first
-            added = self._linear(inner, self.update, None)
-            return self._linear(x, self.weight, self.bias) + routed * added
-        out = self._linear(x, self._merged(), self.bias)
+            inner = x if self.factor is None else _matmul(x, self.factor, self.conv1d)  # both layouts: P first
+            added = _matmul(inner, self.update, self.conv1d)
+            return _matmul(x, self.weight, self.conv1d, self.bias) + routed * added
+        out = _matmul(x, _cached(self, lambda: self.weight + self.dense_update()), self.conv1d, self.bias)
         if bool(routed.all()):
             return out
-        return torch.where(routed, out, self._linear(x, self.weight, self.bias))
+        return torch.where(routed, out, _matmul(x, self.weight, self.conv1d, self.bias))
 
 
 def _attention_slots(layer: nn.Module, family: Family) -> Iterator[tuple[str, nn.Module, str]]:

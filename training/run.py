@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from landermt.artifact import MANIFEST, ffn_weights, load_artifact, save_artifact, update_weights
@@ -48,6 +49,15 @@ STAGES = "stages.json"
 
 def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Settings added after runs were made: left out of a fingerprint while unset, so those runs keep their caches.
+ADDED_LATER = {"train_directions", "attention_rank"}
+
+
+def settings(section: BaseModel) -> dict:
+    """A config section as a fingerprint sees it (ADDED_LATER fields only when set)."""
+    return section.model_dump(exclude={name for name in ADDED_LATER if getattr(section, name, None) is None})
 
 
 class Run:
@@ -140,10 +150,7 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
     prepared = prepare(model, c.method, artifact.partition if artifact else None)
     if c.method.name not in FINETUNED:
         return prepared.model, None
-    # settings added after runs were made are left out while unset, so those runs keep their cached weights
-    data = c.data.model_dump(exclude=set() if c.data.train_directions else {"train_directions"})
-    method = c.method.model_dump(exclude=set() if c.method.attention_rank else {"attention_rank"})
-    key = fingerprint(upstream, method, c.train.model_dump(), data)
+    key = fingerprint(upstream, settings(c.method), settings(c.train), settings(c.data))
     trained_path = run.output / "trained.safetensors"
     if run.cached("finetune", key, "trained.safetensors"):
         print("finetune: cached", flush=True)
