@@ -226,7 +226,10 @@ class DeltaFFN(nn.Module):
         return self._compute_weights() if torch.is_grad_enabled() else _cached(self, self._compute_weights)
 
     def _compute_weights(self) -> dict[str, torch.Tensor]:
-        f, out = self.family, {}
+        """Per part the merged weight (and bias); the specific neurons' update slices of the input projections (up,
+        and gate where there is one) side by side under "inputs.specific", so both take one thin matmul; the down
+        projection's under "<down>.specific"."""
+        f, out, inputs = self.family, {}, {"weight": [], "bias": []}
         for part in ("up", "gate", "down"):
             name = getattr(f, part)
             if name is None:
@@ -236,22 +239,30 @@ class DeltaFFN(nn.Module):
             shape[axis] = -1
             delta = self._delta(name)
             out[f"{name}.weight"] = module.weight + delta * self.general.view(shape)
-            out[f"{name}.specific"] = delta.index_select(axis, self.specific)
-            if module.bias is not None:
-                if part == "down":
+            specific = delta.index_select(axis, self.specific)
+            if part == "down":
+                out[f"{name}.specific"] = specific
+                if module.bias is not None:
                     out[f"{name}.bias"] = module.bias
-                else:
-                    bias = self.update[self.key(name, "bias")]
-                    out[f"{name}.bias"] = module.bias + bias * self.general
-                    out[f"{name}.specific_bias"] = bias[self.specific]
+                continue
+            inputs["weight"].append(specific)
+            if module.bias is not None:
+                bias = self.update[self.key(name, "bias")]
+                out[f"{name}.bias"] = module.bias + bias * self.general
+                inputs["bias"].append(bias[self.specific])
+        out["inputs.specific"] = torch.cat(inputs["weight"], dim=f.neuron_axis("up"))
+        if inputs["bias"]:
+            out["inputs.specific_bias"] = torch.cat(inputs["bias"])
         return out
 
     def _project(self, name: str, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The module's own forward with the merged weights (so Δ = 0 computes exactly what the base does)."""
+        """The module's own forward with the merged weights (so Δ = 0 computes exactly what the base does);
+        nn.Linear's forward is F.linear, called directly (functional_call costs ~50 µs a call)."""
         module = getattr(self, name)
-        params = {"weight": weights[f"{name}.weight"]}
-        if module.bias is not None:
-            params["bias"] = weights[f"{name}.bias"]
+        bias = weights.get(f"{name}.bias")
+        if type(module) is nn.Linear:
+            return F.linear(x, weights[f"{name}.weight"], bias)
+        params = {"weight": weights[f"{name}.weight"]} | ({} if bias is None else {"bias": bias})
         return functional_call(module, params, (x,))
 
     def _specific(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -289,16 +300,16 @@ class DeltaFFN(nn.Module):
         if self.factored and torch.is_grad_enabled():
             return self._routed_factored(x, uses, *extra)
         f, w = self.family, self._weights()
-
-        def pre(name: str) -> torch.Tensor:
-            added = self._specific(x, w[f"{name}.specific"])
-            if f"{name}.specific_bias" in w:
-                added = added + w[f"{name}.specific_bias"]
-            return self._project(name, x, w).index_add(-1, self.specific, uses * added)
-
-        up = pre(f.up)
+        inputs = [name for name in (f.up, f.gate) if name]
+        added = self._specific(x, w["inputs.specific"])  # [B, T, len(inputs) · specific]
+        if "inputs.specific_bias" in w:
+            added = added + w["inputs.specific_bias"]
+        added = (added.unflatten(-1, (len(inputs), -1)) * uses.unsqueeze(-2)).unbind(-2)
+        # in place: a projection's output is not needed by its backward
+        pre = {name: self._project(name, x, w).index_add_(-1, self.specific, part)
+               for name, part in zip(inputs, added, strict=True)}
         act = getattr(self, f.act)
-        h = act(pre(f.gate)) * up if f.gate else act(up)
+        h = act(pre[f.gate]) * pre[f.up] if f.gate else act(pre[f.up])
         y = self._project(f.down, h, w) + self._specific(uses * h.index_select(-1, self.specific),
                                                           w[f"{f.down}.specific"])
         return f.finish(self, y, *extra)
