@@ -147,6 +147,15 @@ class RoutedFFN(nn.Module):
         return f.finish(self, getattr(self, f.down)(h), *extra)
 
 
+def _neuron_groups(specific: torch.Tensor, uses: torch.Tensor, neurons: int) -> torch.Tensor:
+    """One-hot [neurons, groups]: group 0 the general neurons, then one group per distinct column of `uses`, i.e.
+    the specific neurons used by exactly the same pairs (one language's neurons, given three languages or more)."""
+    _, column_group = torch.unique(uses, dim=1, return_inverse=True)
+    group = torch.zeros(neurons, dtype=torch.long)
+    group[specific.cpu()] = 1 + column_group.cpu()
+    return F.one_hot(group, int(group.max()) + 1).float()
+
+
 class DeltaFFN(nn.Module):
     """One layer's FFN under the delta rule: the base FFN's modules (frozen) and, kept apart, the update `update`
     (zero until trained: {"<module>.weight" | "<module>.bias": trained − base}, the down bias excluded, it is no
@@ -161,28 +170,35 @@ class DeltaFFN(nn.Module):
     specific neuron outside a row's pair enters it only multiplied by an exact 0, so its update gets exactly
     zero gradient from that row. Rows with id 0 (and a batch with no ids) run the base FFN itself.
 
-    `rank` r (training only): each neuron's update of a weight is r trained numbers times a fixed random factor,
+    `rank` r (training only): each neuron's update of a weight is r trained numbers times a random factor,
     Δ = B·P (up, gate: B [p, r], P [r, d]) or P·B (down: P [d, r], B [r, p]), P drawn once from N(0, 1/r) with
-    `seed` (so a step of lr on B moves each weight by about lr, as a dense update does). Only B trains: a
-    neuron's update is still its own parameters alone, so routing and NeuronAdamW's guarantees hold unchanged.
-    A low-rank update learns far faster than a dense one at the same budget (docs/RESULTS.md, "Dev sweep"),
-    as LoRA does; unlike LoRA's, both factors of a neuron's update belong to that neuron. The artifact stores
-    the dense Δ (`dense_update`), so serving needs no rank.
+    `seed` (so a step of lr on B moves each weight by about lr, as a dense update does). By default only B trains
+    and P is fixed: a neuron's update is its own parameters alone, so routing and NeuronAdamW's guarantees hold
+    unchanged. A low-rank update learns far faster than a dense one at the same budget (docs/RESULTS.md, "Dev
+    sweep"), as LoRA does. With `train_factors` P trains too, as LoRA's second factor does, but one P per *neuron
+    group*: the general neurons, and the specific neurons used by exactly the same pairs (one language's), so
+    Δ_i = B_i·P_g(i). A group's P then gets gradient only from rows that use the group, and the guarantees still
+    hold (the group is the unit NeuronAdamW moves). The artifact stores the dense Δ (`dense_update`), so serving
+    needs neither rank nor factors.
     """
 
     def __init__(self, ffn: nn.Module, family: Family, general: torch.Tensor, specific: torch.Tensor,
-                 uses: torch.Tensor, rank: int | None = None, seed: int = 0):
+                 uses: torch.Tensor, rank: int | None = None, seed: int = 0, train_factors: bool = False):
         super().__init__()
         _take_over(self, ffn, family)  # `base`, the unpatched MLP, also serves the rows with id 0
         if uses.dim() != 2 or uses.shape[1] != len(specific) or torch.any(uses[0] != 0):
             raise ValueError("uses must be [pairs + 1, specific neurons] with row 0 all zeros")
+        if train_factors and rank is None:
+            raise ValueError("train_factors needs a rank")
         weight = getattr(self, family.up).weight
         self.register_buffer("general", general.to(device=weight.device, dtype=weight.dtype), persistent=False)
         self.register_buffer("specific", specific.to(weight.device), persistent=False)
         self.register_buffer("uses", uses.to(device=weight.device, dtype=weight.dtype), persistent=False)
+        groups = _neuron_groups(specific, uses, len(general)) if train_factors else torch.ones(len(general), 1)
+        self.register_buffer("groups", groups.to(weight), persistent=False)  # [p, factor groups], one-hot
         self.update = nn.ParameterDict()
         self._parts = {getattr(family, part): part for part in ("up", "gate", "down") if getattr(family, part)}
-        self.factored: list[str] = []  # rank r: the weights whose update is factored (P in buffer "<name>_factor")
+        self.factored: list[str] = []  # rank r: the weights whose update is factored (P: "<name>_factor" or trained)
         generator = torch.Generator().manual_seed(seed)
         for part in ("up", "gate", "down"):
             name = getattr(family, part)
@@ -193,10 +209,13 @@ class DeltaFFN(nn.Module):
             for kind in kinds:
                 value = getattr(module, kind)
                 if rank is not None and kind == "weight":
-                    axis = family.neuron_axis(part)
-                    shape = [rank, value.shape[1 - axis]] if axis == 0 else [value.shape[1 - axis], rank]
+                    axis, other = family.neuron_axis(part), value.shape[1 - family.neuron_axis(part)]
+                    shape = [groups.shape[1], rank, other] if axis == 0 else [groups.shape[1], other, rank]
                     factor = (torch.randn(shape, generator=generator) / rank**0.5).to(value)
-                    self.register_buffer(f"{name}_factor", factor, persistent=False)
+                    if train_factors:
+                        self.update[self.key(name, "factor")] = nn.Parameter(factor, requires_grad=False)
+                    else:
+                        self.register_buffer(f"{name}_factor", factor, persistent=False)
                     self.factored.append(name)
                     value = value.new_zeros([value.shape[0], rank] if axis == 0 else [rank, value.shape[1]])
                 self.update[self.key(name, kind)] = nn.Parameter(torch.zeros_like(value), requires_grad=False)
@@ -207,18 +226,28 @@ class DeltaFFN(nn.Module):
         """ParameterDict keys cannot hold dots: "up_proj.weight" is stored as "up_proj:weight"."""
         return f"{module}:{kind}"
 
-    def _delta(self, name: str) -> torch.Tensor:
-        """The dense update of `name`'s weight: the parameter itself, or its trained factor times the fixed one."""
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, second) with `name`'s dense update Δ = first·second: each neuron's trained numbers placed in its
+        group's block of r columns (rows for down), the groups' factors stacked along the other side."""
         trained = self.update[self.key(name, "weight")]
+        factor = self.update[self.key(name, "factor")] if self.key(name, "factor") in self.update \
+            else getattr(self, f"{name}_factor")
+        if self.family.neuron_axis(self._parts[name]) == 0:  # trained [p, r], factor [groups, r, d]
+            return (self.groups[:, :, None] * trained[:, None, :]).flatten(1), factor.flatten(0, 1)
+        # factor [groups, d, r], trained [r, p]
+        return factor.permute(1, 0, 2).flatten(1), (self.groups.T[:, None, :] * trained[None]).flatten(0, 1)
+
+    def _delta(self, name: str) -> torch.Tensor:
+        """The dense update of `name`'s weight: the parameter itself, or the product of its factors."""
         if name not in self.factored:
-            return trained
-        factor = getattr(self, f"{name}_factor")
-        return trained @ factor if self.family.neuron_axis(self._parts[name]) == 0 else factor @ trained
+            return self.update[self.key(name, "weight")]
+        first, second = self._factors(name)
+        return first @ second
 
     def dense_update(self) -> dict[str, torch.Tensor]:
         """{key: dense Δ} of every updated parameter (what an artifact stores; keys as in `update`)."""
         return {key: self._delta(key.split(":")[0]) if key.endswith(":weight") else p
-                for key, p in self.update.items()}
+                for key, p in self.update.items() if not key.endswith(":factor")}
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """Per part: the merged weight (and bias) and the specific neurons' update slice. Under no_grad (inference)
@@ -270,9 +299,7 @@ class DeltaFFN(nn.Module):
 
     def _factored_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """What `name`'s update adds to its output, x·Δ without forming Δ: two thin matmuls, as LoRA computes."""
-        trained = self.update[self.key(name, "weight")]
-        factor = getattr(self, f"{name}_factor")
-        first, second = (trained, factor) if self.family.neuron_axis(self._parts[name]) == 0 else (factor, trained)
+        first, second = self._factors(name)
         if self.family.conv1d:  # weights [in, out]: x·Δ = (x·first)·second
             return (x @ first) @ second
         return F.linear(F.linear(x, second), first)  # Δ = first·second [out, in]: x·Δᵀ
@@ -411,11 +438,11 @@ def attention_updates(model: nn.Module, family: Family) -> dict[str, AttentionUp
 
 
 def patch_delta(model: nn.Module, family: Family, tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                rank: int | None = None) -> list[DeltaFFN]:
+                rank: int | None = None, train_factors: bool = False) -> list[DeltaFFN]:
     """Replace the FFN of each layer in `tables` (layer -> landermt.partition.delta_tables' entry) by a DeltaFFN
-    with a zero update (of rank `rank` for training: DeltaFFN; its fixed factors seeded by the layer index)."""
-    return _replace_ffns(model, family, tables,
-                         lambda ffn, table, index: DeltaFFN(ffn, family, *table, rank=rank, seed=index))
+    with a zero update (of rank `rank` for training, its random factors seeded by the layer index; DeltaFFN)."""
+    return _replace_ffns(model, family, tables, lambda ffn, table, index: DeltaFFN(
+        ffn, family, *table, rank=rank, seed=index, train_factors=train_factors))
 
 
 def patch(model: nn.Module, family: Family, tables: dict[int, torch.Tensor]) -> list[RoutedFFN]:

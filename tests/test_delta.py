@@ -13,12 +13,14 @@ from landermt.routing import DeltaFFN, patch_attention, patch_delta, route, unpa
 from tests.test_routing import inputs, logits, random_partition
 
 
-def patched(model, partition, rank: int | None = None) -> list[DeltaFFN]:
-    return patch_delta(model, family_of(model), delta_tables(partition), rank)
+def patched(model, partition, rank: int | None = None, train_factors: bool = False) -> list[DeltaFFN]:
+    return patch_delta(model, family_of(model), delta_tables(partition), rank, train_factors)
 
 
-@pytest.fixture(params=[None, 4], ids=["dense", "rank4"])
-def rank(request) -> int | None:
+@pytest.fixture(params=[{}, {"rank": 4}, {"rank": 4, "train_factors": True}],
+                ids=["dense", "rank4", "rank4-trained-factors"])
+def update(request) -> dict:
+    """How the update is parametrised: dense, factored with fixed factors, factored with trained group factors."""
     return request.param
 
 
@@ -34,22 +36,22 @@ def all_ids(partition) -> list[int]:
     return list(range(len(partition.pairs) + 1))
 
 
-def test_before_training_every_pair_is_the_base_model_bit_for_bit(family_model, tokenizer, rank):
+def test_before_training_every_pair_is_the_base_model_bit_for_bit(family_model, tokenizer, update):
     batch = inputs(tokenizer)
     base = logits(family_model, batch)
     partition = random_partition(family_model)
-    patched(family_model, partition, rank)
+    patched(family_model, partition, **update)
     assert torch.equal(logits(family_model, batch), base)  # no ids
     for pair in all_ids(partition):
         assert torch.equal(logits(family_model, batch, torch.full((4,), pair)), base), pair
     assert torch.equal(logits(family_model, batch, torch.tensor([0, 3, 5, 6])), base)
 
 
-def test_mixed_batch_equals_each_pair_alone_and_row_0_is_the_base(family_model, tokenizer, rank):
+def test_mixed_batch_equals_each_pair_alone_and_row_0_is_the_base(family_model, tokenizer, update):
     batch = inputs(tokenizer)
     base = logits(family_model, batch)
     partition = random_partition(family_model)
-    random_update(patched(family_model, partition, rank))
+    random_update(patched(family_model, partition, **update))
     mixed = torch.tensor([partition.pair_id("en", "de"), partition.pair_id("fr", "zh"), 0,
                           partition.pair_id("de", "en")])
     out = logits(family_model, batch, mixed)
@@ -84,10 +86,10 @@ def merged_reference(model, partition, modules: list[DeltaFFN], pair: int):
                 param += delta * keep.view(shape)
 
 
-def test_each_pair_adds_its_own_neurons_update_and_other_languages_keep_the_base(family_model, tokenizer, rank):
+def test_each_pair_adds_its_own_neurons_update_and_other_languages_keep_the_base(family_model, tokenizer, update):
     batch = inputs(tokenizer)
     partition = random_partition(family_model)
-    modules = patched(family_model, partition, rank)
+    modules = patched(family_model, partition, **update)
     random_update(modules, scale=0.05)
     pair = partition.pair_id("de", "zh")
     routed = logits(family_model, batch, torch.full((4,), pair))
@@ -95,10 +97,10 @@ def test_each_pair_adds_its_own_neurons_update_and_other_languages_keep_the_base
     torch.testing.assert_close(routed, logits(family_model, batch), rtol=1e-4, atol=1e-4)
 
 
-def test_outside_its_pair_an_update_gets_exactly_zero_gradient_from_a_row(family_model, tokenizer, rank):
+def test_outside_its_pair_an_update_gets_exactly_zero_gradient_from_a_row(family_model, tokenizer, update):
     batch = {k: v[:1] for k, v in inputs(tokenizer).items()}
     partition = random_partition(family_model, layers=(1,))
-    [module] = patched(family_model, partition, rank)
+    [module] = patched(family_model, partition, **update)
     random_update([module])
     for p in module.update.values():
         p.requires_grad_(True)
@@ -109,12 +111,17 @@ def test_outside_its_pair_an_update_gets_exactly_zero_gradient_from_a_row(family
     outside = ~part.pair_mask(0, 1)
     assert outside.any() and (~outside).any()
     family = family_of(family_model)
+    # a trained factor's unit is its neuron group: groups with no neuron of the pair get nothing
+    outside_group = module.groups[~outside].sum(0) == 0
     for key, p in module.update.items():
         name, kind = key.split(":")
         part_name = next(x for x in ("up", "gate", "down") if getattr(family, x) == name)
         grad = p.grad.movedim(family.neuron_axis(part_name) if kind == "weight" else 0, 0)
-        assert torch.all(grad[outside] == 0), key
-        assert grad[~outside].abs().sum() > 0, key
+        out = outside_group if kind == "factor" else outside
+        assert torch.all(grad[out] == 0), key
+        assert grad[~out].abs().sum() > 0, key
+    if update.get("train_factors"):
+        assert outside_group.any() and (~outside_group).sum() == 3  # general, en's and de's neurons
 
 
 def test_inference_reuses_merged_weights_until_an_update_changes(tokenizer):
@@ -150,7 +157,8 @@ def test_a_malformed_uses_table_is_refused(tokenizer, bad):
         patch_delta(model, family_of(model), tables)
 
 
-def test_a_factored_update_serves_as_its_dense_update(family_model, tokenizer):
+@pytest.mark.parametrize("train_factors", [False, True], ids=["fixed-factors", "trained-factors"])
+def test_a_factored_update_serves_as_its_dense_update(family_model, tokenizer, train_factors):
     """Training with rank r, then an artifact's dense update (landermt.artifact.update_weights) loaded into a dense
     DeltaFFN, as serving does: the same outputs for every pair."""
     from landermt.artifact import load_update, update_weights
@@ -158,7 +166,7 @@ def test_a_factored_update_serves_as_its_dense_update(family_model, tokenizer):
     batch = inputs(tokenizer)
     partition = random_partition(family_model)
     layers = sorted(partition.layers)
-    factored = patched(family_model, partition, rank=3)
+    factored = patched(family_model, partition, 3, train_factors)
     random_update(factored, scale=0.05)
     assert all(m.update[f"{m.family.up}:weight"].shape[-1] == 3 or m.update[f"{m.family.up}:weight"].shape[0] == 3
                for m in factored)
@@ -170,13 +178,14 @@ def test_a_factored_update_serves_as_its_dense_update(family_model, tokenizer):
     torch.testing.assert_close(logits(family_model, batch, ids), trained, rtol=1e-5, atol=1e-5)
 
 
-def test_factored_training_path_equals_the_merged_path(family_model, tokenizer):
+@pytest.mark.parametrize("train_factors", [False, True], ids=["fixed-factors", "trained-factors"])
+def test_factored_training_path_equals_the_merged_path(family_model, tokenizer, train_factors):
     """With grad enabled a factored update is applied to the activations (no dense Δ); without, through merged
     weights: the same logits for a mixed batch, row 0 the base."""
     batch = inputs(tokenizer)
     base = logits(family_model, batch)
     partition = random_partition(family_model)
-    random_update(patched(family_model, partition, rank=3), scale=0.05)
+    random_update(patched(family_model, partition, 3, train_factors), scale=0.05)
     ids = torch.tensor([partition.pair_id("en", "de"), 0, partition.pair_id("fr", "zh"), 2])
     merged = logits(family_model, batch, ids)
     with torch.enable_grad(), route(ids):

@@ -17,7 +17,9 @@ import yaml
 from safetensors.torch import load_file
 
 from landermt.artifact import load_artifact
+from landermt.models import load_model
 from training.config import ConfigError, load_config
+from training.methods import prepare
 from training.run import main as run_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +126,26 @@ def test_an_attention_update_trains_and_lands_in_the_artifact(tmp_path):
     assert len(trained) == len(keys)
 
 
+def test_trained_group_factors_move_and_the_artifact_stores_the_dense_update(tmp_path):
+    """method.train_factors: each neuron group's factor trains beside the neurons' numbers (and is saved with them
+    for resuming); the artifact holds only the dense Δ, as for fixed factors."""
+    config = smoke_config(tmp_path, method__update_rank=2, method__train_factors=True, eval__limit=2)
+    out = tmp_path / "factors"
+    run_main(["--config", str(config), "--output", str(out)])
+    artifact = load_artifact(out / "artifact")
+    trained = load_file(out / "trained.safetensors")
+    factors = {k: v for k, v in trained.items() if k.endswith(".factor")}
+    assert len(factors) == 3 * len(artifact.manifest.layers)  # up, gate, down per layer
+    untrained = prepare(load_model(str(out / "base_model"), torch.float32)[0], load_config(config).method,
+                        artifact.partition)  # the same seeded initial factors
+    initial = {name: p for name, p, _ in untrained.trainable if name in factors}
+    assert initial.keys() == factors.keys()
+    for name, factor in factors.items():  # every direction trained, 12 steps: every group (axis 0) moved
+        assert factor.shape[0] > 1 and (factor - initial[name]).flatten(1).abs().amax(1).gt(0).all(), name
+    assert not any(k.endswith("factor") for k in artifact.update)
+    assert all(v.abs().sum() > 0 for k, v in artifact.update.items() if k.endswith("weight"))
+
+
 def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     """The transfer-matrix setting: only en-de rows train, so under routing only general, en- and
     de-specific neurons move, and every direction is still evaluated."""
@@ -157,6 +179,7 @@ def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     ({"method": {"name": "magic"}}, "method.name: Input should be"),
     ({"data": {"languages": ["en", "de"]}}, "drop 'en'"),
     ({"method": {"name": "lora", "attention_rank": 4}}, "method.attention_rank: only for method landermt under"),
+    ({"method": {"train_factors": True}}, "method.train_factors: needs method.update_rank"),
 ])
 def test_config_errors_name_the_key(tmp_path, body, message):
     path = tmp_path / "bad.yaml"

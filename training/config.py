@@ -93,6 +93,9 @@ class MethodConfig(Strict):
     # rule delta: each neuron's update as `update_rank` trained numbers times a fixed random factor
     # (landermt.routing.DeltaFFN); None: a dense update
     update_rank: int | None = Field(None, ge=1)
+    # with update_rank: the second factor trains too, one per neuron group (the general neurons, each language's
+    # specific ones), as LoRA's does (landermt.routing.DeltaFFN); False: one fixed random factor per weight
+    train_factors: bool = False
     # rule delta, method landermt: a language-general update of the routed layers' attention projections too
     # (landermt.routing.AttentionUpdate), factored at this rank; None: attention stays the base model's
     attention_rank: int | None = Field(None, ge=1)
@@ -145,6 +148,8 @@ class RunConfig(Strict):
             raise ValueError("method.layers: give distinct non-negative layer indices, or leave it out")
         if self.method.attention_rank is not None and (self.method.name, self.method.routing) != ("landermt", "delta"):
             raise ValueError("method.attention_rank: only for method landermt under routing delta")
+        if self.method.train_factors and self.method.update_rank is None:
+            raise ValueError("method.train_factors: needs method.update_rank (the factors' rank)")
         if "en" in self.data.languages:
             raise ValueError("data.languages lists the languages paired with English; drop 'en'")
         unknown = set(self.data.train_directions or []) - set(self.data.directions())

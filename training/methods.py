@@ -47,7 +47,8 @@ def _ffn_parameters(model: nn.Module, layers: list[int]) -> list[tuple[str, nn.P
 
 
 def _update_parameters(model: nn.Module, layers: list[int], modules) -> list[tuple[str, nn.Parameter, int]]:
-    """(name, param, neuron axis) of the delta rule's updates, named `layers.i.update.<module>.<weight|bias>`."""
+    """(name, param, neuron axis) of the delta rule's updates, named `layers.i.update.<module>.<weight|bias|factor>`
+    (a trained factor's unit is its neuron group, axis 0)."""
     family = family_of(model)
     parts = {getattr(family, part): part for part in FFN_PARTS if getattr(family, part)}
     out = []
@@ -94,7 +95,7 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
         params = _ffn_parameters(model, layers)
     elif method.routing == "delta":
         params = _update_parameters(model, layers, patch_delta(model, family_of(model), delta_tables(partition),
-                                                               method.update_rank))
+                                                               method.update_rank, method.train_factors))
     else:
         params = _ffn_parameters(model, layers)
         patch(model, family_of(model), partition.scale_tables())

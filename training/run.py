@@ -51,13 +51,16 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# Settings added after runs were made: left out of a fingerprint while unset, so those runs keep their caches.
-ADDED_LATER = {"train_directions", "attention_rank"}
+# Settings added after runs were made: left out of a fingerprint while at their default, so those runs keep their
+# caches.
+ADDED_LATER = {"train_directions", "attention_rank", "train_factors"}
 
 
 def settings(section: BaseModel) -> dict:
-    """A config section as a fingerprint sees it (ADDED_LATER fields only when set)."""
-    return section.model_dump(exclude={name for name in ADDED_LATER if getattr(section, name, None) is None})
+    """A config section as a fingerprint sees it (ADDED_LATER fields only when not at their default)."""
+    fields = type(section).model_fields
+    return section.model_dump(exclude={name for name in ADDED_LATER
+                                       if name in fields and getattr(section, name) == fields[name].default})
 
 
 class Run:
