@@ -97,7 +97,8 @@ def main() -> None:
         "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": str(artifact.dtype),
                     "torch": torch.__version__, "vllm": vllm.__version__,
                     "note": args.note},
-        "artifact": str(source), "trained": artifact.ffn is not None, "directions": artifact.manifest.directions,
+        "artifact": str(source), "trained": artifact.ffn is not None or artifact.update is not None,
+        "directions": artifact.manifest.directions,
         "max_batch_size": BATCH, "startup_seconds": startup, "load": load,
         "agreement": agreement(compared, outputs["torch"], outputs["vllm"]),
     }

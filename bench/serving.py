@@ -8,7 +8,7 @@
    sentence at a time through transformers `generate`. Reported: sentences/s, generated tokens/s,
    p50/p95 latency.
 2. Forward checks at batch 16, fixed 32 new tokens (EOS suppressed, so every variant does the same
-   work): unpatched vs routed single-pair vs routed mixed-pair generation.
+   work): unpatched vs routed single-pair vs routed mixed-pair generation, measured in turn, best of 5 rounds.
 3. Memory: peak RSS of this process, and one base + the artifact vs one model copy per pair.
 4. Time to first token at concurrency 1 (the server's histogram), with each pair's prompt prefix reused
    (`--prefix-reuse`, the default) and without.
@@ -58,7 +58,7 @@ from training.finetune import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 8, 32)
-BATCH, FIXED_NEW_TOKENS = 16, 32
+BATCH, FIXED_NEW_TOKENS, FORWARD_ROUNDS = 16, 32, 5
 
 
 def workload(directions: list[str], n: int) -> list[tuple[str, str, str]]:
@@ -170,19 +170,29 @@ def naive(model, tokenizer, template: str, items: list[tuple[str, str, str]]) ->
             "sentences_per_s": round(len(items) / wall, 3), "tokens_per_s": round(tokens / wall, 2)}
 
 
-def fixed_generation_seconds(model, tokenizer, prompts: list[str], pair_ids: list[int] | None,
-                             repeats: int = 3) -> float:
-    """Best-of-`repeats` time to generate exactly FIXED_NEW_TOKENS for every row of one batch."""
+def fixed_generation_seconds(model, tokenizer, prompts: list[str], pair_ids: list[int] | None) -> float:
+    """Seconds to generate exactly FIXED_NEW_TOKENS for every row of one batch."""
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     stops = stop_token_ids(tokenizer)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.monotonic()
-        with torch.no_grad(), route(None if pair_ids is None else torch.tensor(pair_ids)):
-            model.generate(**encoded, min_new_tokens=FIXED_NEW_TOKENS, max_new_tokens=FIXED_NEW_TOKENS,
-                           do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-        best = min(best, time.monotonic() - started)
+    started = time.monotonic()
+    with torch.no_grad(), route(None if pair_ids is None else torch.tensor(pair_ids)):
+        model.generate(**encoded, min_new_tokens=FIXED_NEW_TOKENS, max_new_tokens=FIXED_NEW_TOKENS,
+                       do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    return time.monotonic() - started
+
+
+def forward_checks(model, tokenizer, artifact, prompts: list[str], pair_ids: list[int]) -> dict[str, float]:
+    """Best of FORWARD_ROUNDS seconds per variant, the three measured in turn within each round, so that drift in
+    this machine's speed (several percent over minutes) hits them alike; the model is left patched."""
+    family = family_of(model)
+    best = dict.fromkeys(("routed mixed pairs", "routed single pair", "unpatched"), float("inf"))
+    for _ in range(FORWARD_ROUNDS):
+        for name, ids in (("routed mixed pairs", pair_ids), ("routed single pair", [pair_ids[0]] * len(pair_ids))):
+            best[name] = min(best[name], fixed_generation_seconds(model, tokenizer, prompts, ids))
+        unpatch(model, family)  # the same weights, plain FFN: what routing costs
+        best["unpatched"] = min(best["unpatched"], fixed_generation_seconds(model, tokenizer, prompts, None))
+        artifact.apply(model, verify_base=False)
     return best
 
 
@@ -206,8 +216,7 @@ def main() -> None:
 
     print("forward checks", flush=True)
     prompts = [render_prompt(template, s, t, text) for s, t, text in items[:BATCH]]
-    forward = {"routed mixed pairs": fixed_generation_seconds(model, tokenizer, prompts, pair_ids),
-               "routed single pair": fixed_generation_seconds(model, tokenizer, prompts, [pair_ids[0]] * BATCH)}
+    forward = forward_checks(model, tokenizer, artifact, prompts, pair_ids)
     print("load: routed", flush=True)
     routed = serve_and_load(torch_engine(model, tokenizer, artifact, settings), items, args.sentences)
     rss_served = peak_rss_mib()
@@ -216,7 +225,6 @@ def main() -> None:
     no_reuse = serve_and_load(torch_engine(model, tokenizer, artifact, without), items, args.sentences, levels=(1,))
 
     unpatch(model, family)  # the same weights, plain FFN: what routing costs
-    forward["unpatched"] = fixed_generation_seconds(model, tokenizer, prompts, None)
     print("load: routing off", flush=True)
     plain = serve_and_load(torch_engine(model, tokenizer, artifact, settings), items, args.sentences)
     print("naive baseline", flush=True)
@@ -302,7 +310,8 @@ def write_markdown(r: dict) -> None:
         "",
         *rows,
         "",
-        f"Forward checks (batch {r['batch']}, exactly {FIXED_NEW_TOKENS} new tokens per row, best of 3), tokens/s: "
+        f"Forward checks (batch {r['batch']}, exactly {FIXED_NEW_TOKENS} new tokens per row, best of "
+        f"{FORWARD_ROUNDS} rounds, the three variants measured in turn in each round), tokens/s: "
         + ", ".join(f"{k} {v:.1f}" for k, v in r["forward_tokens_per_s"].items()) + ".",
         "",
         *checks,
