@@ -5,6 +5,7 @@
 #
 #   bash bench/step7_variant.sh delta-attention --set method.attention_rank=16   # an attention update too
 #   bash bench/step7_variant.sh delta-factors --set method.train_factors=true    # trained group factors
+#   TIMED=0 bash bench/step7_variant.sh delta-lr2e-4 --set train.lr=2e-4         # same work per step: STEPS steps
 #   (resumable: run it again; DEVTEST=1 also evaluates the variant on devtest, for the one that won on dev)
 #
 # 1. bench/step7_final.sh's delta and LoRA rows are evaluated on flores_dev (copies of their runs; training cached).
@@ -38,10 +39,14 @@ seconds() {  # wall time of steps 6..TIME_STEPS of a short run (the first steps 
   python -c "import json; log = [json.loads(l) for l in open('$OUT/time-$1/train_log.jsonl')]; \
 print(log[-1]['seconds'] - log[4]['seconds'])"
 }
-plain=$(seconds "delta-beside-$NAME")
-variant=$(seconds "$NAME" "$@")
-VARIANT_STEPS=$(python -c "print(round($STEPS * $plain / $variant))")
-echo "equal wall time: $TIME_STEPS steps in $plain s (delta) / $variant s ($NAME): $VARIANT_STEPS steps"
+if [ "${TIMED:-1}" = 1 ]; then
+  plain=$(seconds "delta-beside-$NAME")
+  variant=$(seconds "$NAME" "$@")
+  VARIANT_STEPS=$(python -c "print(round($STEPS * $plain / $variant))")
+  echo "equal wall time: $TIME_STEPS steps in $plain s (delta) / $variant s ($NAME): $VARIANT_STEPS steps"
+else  # TIMED=0: the variant does the same work per step (a learning rate, say): timing it would only add noise
+  VARIANT_STEPS=$STEPS
+fi
 
 share "$FINAL/delta" "$OUT/$NAME"
 python -m training.run --config configs/quick-tuned.yaml --output "$OUT/$NAME" --resume "${dev[@]}" "$@" \
