@@ -30,11 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 PAPER_EPSILON = 0.9
+# the delta rule's dev-chosen learning rate (configs/quick-tuned.yaml): a delta row names its lr when it differs
+PRESET_LR = yaml.safe_load((ROOT / "configs" / "quick-tuned.yaml").read_text())["train"]["lr"]
 
 
 def row_name(method: str, config: dict, run: Path) -> str:
     """The method, plus the neuron settings that distinguish runs of it: layers, and for routed methods
-    the CAR mode (rule mask), an attention update (rule delta) and ε when it is not the paper's 0.9."""
+    the CAR mode (rule mask), an attention update, trained factors and a learning rate other than the preset's
+    (rule delta), and ε when it is not the paper's 0.9."""
     if method not in NEURON_METHODS:
         return method
     partition = json.loads((run / "artifact" / "manifest.json").read_text())
@@ -44,8 +47,10 @@ def row_name(method: str, config: dict, run: Path) -> str:
         return f"{method} (layers {span})"
     epsilon = "" if partition["epsilon"] == PAPER_EPSILON else f", ε {partition['epsilon']}"
     if partition.get("routing", "mask") == "delta":  # the delta rule scales nothing: CAR does not apply
-        rank = config["method"].get("attention_rank")
-        return f"{method} delta (layers {span}{epsilon}{f', attention r{rank}' if rank else ''})"
+        rank, lr = config["method"].get("attention_rank"), float(config["train"]["lr"])
+        extra = (f", attention r{rank}" if rank else "") + (", trained factors" if config["method"].get(
+            "train_factors") else "") + (f", lr {lr:g}" if lr != PRESET_LR else "")
+        return f"{method} delta (layers {span}{epsilon}{extra})"
     return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
 
 
