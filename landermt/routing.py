@@ -54,13 +54,29 @@ _PAIR_IDS: ContextVar[torch.Tensor | None] = ContextVar("landermt_pair_ids", def
 def route(pair_ids: torch.Tensor | None) -> Iterator[None]:
     """Run the model's routed FFNs with these pair ids: shape [batch] or [batch, tokens].
 
-    Id 0 is the unpatched base model; outside any `route` block every row uses id 0.
+    Id 0 is the unpatched base model; outside any `route` block every row uses id 0. What the modules read is
+    settled here, once per block rather than in every routed module of every forward: None when no row has a pair
+    id, else the ids as [batch, 1] or [batch, tokens].
     """
-    token = _PAIR_IDS.set(pair_ids)
+    routed = None if pair_ids is None or not bool((pair_ids != 0).any()) else (
+        pair_ids[:, None] if pair_ids.dim() == 1 else pair_ids)
+    token = _PAIR_IDS.set(routed)
     try:
         yield
     finally:
         _PAIR_IDS.reset(token)
+
+
+def _routed_ids(device: torch.device) -> torch.Tensor | None:
+    """The current `route` block's ids, [B, 1] or [B, T] on `device`; None when every row is the base model."""
+    ids = _PAIR_IDS.get()
+    return None if ids is None else ids.to(device)
+
+
+def _random_factor(shape: list[int], rank: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """The fixed factor P of a rank-r update, drawn from N(0, 1/r): a step of lr on the trained factor then moves
+    each weight by about lr, as a dense update's step does."""
+    return (torch.randn(shape, generator=generator) / rank**0.5).to(like)
 
 
 def _take_over(routed: nn.Module, ffn: nn.Module, family: Family) -> None:
@@ -124,18 +140,14 @@ class RoutedFFN(nn.Module):
     def set_scales(self, scales: torch.Tensor) -> None:
         self.scales = scales.to(device=self.scales.device, dtype=self.scales.dtype)
 
-    def _row_scales(self, pair_ids: torch.Tensor) -> torch.Tensor:
-        scales = self.scales[pair_ids]
-        return scales.unsqueeze(-2) if pair_ids.dim() == 1 else scales  # [B, 1, p] or [B, T, p]
-
     def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         f = self.family
         up_proj = getattr(self, f.up)
         gate_proj = getattr(self, f.gate) if f.gate else None
         up = up_proj(x)
         gate = gate_proj(x) if gate_proj is not None else None
-        pair_ids = _PAIR_IDS.get()
-        scale = None if pair_ids is None else self._row_scales(pair_ids.to(x.device))
+        ids = _routed_ids(x.device)
+        scale = None if ids is None else self.scales[ids]  # [B, 1 | T, p]
         if scale is not None:
             up = _scale_before_bias(up, scale, up_proj.bias)
             if gate is not None:
@@ -211,7 +223,7 @@ class DeltaFFN(nn.Module):
                 if rank is not None and kind == "weight":
                     axis, other = family.neuron_axis(part), value.shape[1 - family.neuron_axis(part)]
                     shape = [groups.shape[1], rank, other] if axis == 0 else [groups.shape[1], other, rank]
-                    factor = (torch.randn(shape, generator=generator) / rank**0.5).to(value)
+                    factor = _random_factor(shape, rank, generator, value)
                     if train_factors:
                         self.update[self.key(name, "factor")] = nn.Parameter(factor, requires_grad=False)
                     else:
@@ -342,11 +354,9 @@ class DeltaFFN(nn.Module):
         return f.finish(self, y, *extra)
 
     def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        pair_ids = _PAIR_IDS.get()
-        if pair_ids is None or not bool((pair_ids != 0).any()):
+        ids = _routed_ids(x.device)
+        if ids is None:
             return self.base(x, *extra)
-        ids = pair_ids.to(x.device)
-        ids = ids[:, None] if ids.dim() == 1 else ids  # [B, 1] or [B, T]
         out = self._routed(x, self.uses[ids], *extra)
         base_rows = ids == 0
         if bool(base_rows.any()):
@@ -379,8 +389,8 @@ class AttentionUpdate(nn.Module):
         else:
             factor_shape = [self.weight.shape[0], rank] if conv1d else [rank, self.weight.shape[1]]
             generator = torch.Generator().manual_seed(seed)
-            self.register_buffer("factor", (torch.randn(factor_shape, generator=generator) / rank**0.5).to(
-                self.weight), persistent=False)
+            self.register_buffer("factor", _random_factor(factor_shape, rank, generator, self.weight),
+                                 persistent=False)
             trained_shape = [rank, self.weight.shape[1]] if conv1d else [self.weight.shape[0], rank]
             self.update = nn.Parameter(self.weight.new_zeros(trained_shape), requires_grad=False)
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None  # _cached: the merged weight W + Δ
@@ -392,11 +402,10 @@ class AttentionUpdate(nn.Module):
         return self.factor @ self.update if self.conv1d else self.update @ self.factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pair_ids = _PAIR_IDS.get()
-        if pair_ids is None or not bool((pair_ids != 0).any()):
+        ids = _routed_ids(x.device)
+        if ids is None:
             return _matmul(x, self.weight, self.conv1d, self.bias)
-        ids = pair_ids.to(x.device)
-        routed = (ids[:, None] if ids.dim() == 1 else ids)[..., None] != 0  # [B, 1 | T, 1]
+        routed = ids[..., None] != 0  # [B, 1 | T, 1]
         if torch.is_grad_enabled():  # training: the update on the activations, no dense Δ or weight gradient
             inner = x if self.factor is None else _matmul(x, self.factor, self.conv1d)  # both layouts: P first
             added = _matmul(inner, self.update, self.conv1d)
