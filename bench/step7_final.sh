@@ -8,15 +8,17 @@
 # times for the same 150 steps measured side by side on one idle machine (docs/RESULTS.md, "Devtest check").
 # Fixing the step counts from that ratio keeps the comparison fair however busy the machine is meanwhile.
 #
-#   bash bench/step7_final.sh            # STEPS=600 LIMIT=100 LORA_LR=1e-3 BASELINES=1 (resumable: run it again)
+#   bash bench/step7_final.sh            # STEPS=600 LIMIT=200 LORA_LR=1e-3 BASELINES=1 (resumable: run it again)
 #
-# This CPU translates about 1 devtest sentence/s here, so 200 sentences per direction cost 35 minutes per row;
-# the 2026-12-02 run used LIMIT=100 and BASELINES=0 to fit its session; the base rows followed on 2026-12-03.
+# This CPU translates about 1 devtest sentence/s here, so 100 sentences per direction cost ~22 minutes per row. The
+# 2026-12-02 run used LIMIT=100 and BASELINES=0 to fit its session, the base rows followed on 2026-12-03, and
+# LIMIT=200 on 2026-12-03 translated only sentences 101-200 (a run reuses its stored translations when only
+# eval.limit changed: training/run.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
 STEPS=${STEPS:-600}
-LIMIT=${LIMIT:-100}
+LIMIT=${LIMIT:-200}
 BASELINES=${BASELINES:-1}
 LORA_LR=${LORA_LR:-1e-3}
 LORA_STEPS=$(( STEPS * 384 / 481 ))

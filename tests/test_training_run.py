@@ -67,6 +67,25 @@ def test_smoke_pipeline_writes_everything_and_caches_stages(tmp_path):
     log, _ = again.communicate(timeout=300)
     assert again.returncode == 0 and all(f"{s}: cached" in log for s in ("partition", "finetune", "evaluate"))
 
+    # a larger eval.limit translates only the new sentences, and ends as if it had translated them all
+    more = smoke_config(tmp_path, eval__limit=6)
+    extended = run_cli(more, out)
+    log, _ = extended.communicate(timeout=300)
+    assert extended.returncode == 0 and "evaluate: reusing 40 stored translations" in log, log
+    grown = json.loads((out / "eval.json").read_text())["testsets"]["flores"]
+    assert all(grown[d]["outputs"][:4] == r["outputs"] and len(grown[d]["outputs"]) == 6
+               for d, r in results["testsets"]["flores"].items())
+    (out / "eval.json").unlink()
+    straight = run_cli(more, out)
+    log, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0 and "reusing" not in log, log
+    assert json.loads((out / "eval.json").read_text())["testsets"]["flores"] == grown
+
+    # any other evaluation setting changed: nothing is reused
+    other = run_cli(smoke_config(tmp_path, eval__limit=6, eval__max_new_tokens=12), out)
+    log, _ = other.communicate(timeout=300)
+    assert other.returncode == 0 and "reusing" not in log, log
+
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     config = smoke_config(tmp_path, train__steps=150, train__checkpoint_every=5, train__eval_every=50)

@@ -180,12 +180,15 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def evaluate_directions(model, tokenizer, template: str, directions: list[str], testset_name: str,
                         data_root: str | None, limit: int | None, pair_id, batch_size: int = 16,
-                        max_new_tokens: int = 256, shots=None, beams: int = 1) -> dict[str, dict]:
+                        max_new_tokens: int = 256, shots=None, beams: int = 1,
+                        known: dict[str, list[str]] | None = None) -> dict[str, dict]:
     """{direction: scores}; `pair_id(src, tgt)` gives the routing id (None: base path);
-    `shots(src, tgt)` gives few-shot examples."""
+    `shots(src, tgt)` gives few-shot examples; `known[direction]` are outputs already made for the first sentences
+    of a direction by this same evaluation (only the sentences after them are translated)."""
     lines = {d: evaluation_set(data_root, testset_name, *d.split("-"))[:limit] for d in directions}
+    reused = {d: (known or {}).get(d, [])[:len(lines[d])] for d in directions}
     sentences = [Sentence(*d.split("-"), source, pair_id(*d.split("-")), tuple(shots(*d.split("-")) if shots else ()))
-                 for d in directions for source, _ in lines[d]]
+                 for d in directions for source, _ in lines[d][len(reused[d]):]]
     # all directions in one stream: no per-direction tail
     hyps = iter(translate_all(model, tokenizer, template, sentences, batch_size, max_new_tokens,
                               f"translate {testset_name}", beams))
@@ -193,7 +196,7 @@ def evaluate_directions(model, tokenizer, template: str, directions: list[str], 
     results = {}
     for direction in directions:
         pairs = lines[direction]
-        outputs = [next(hyps) for _ in pairs]
+        outputs = reused[direction] + [next(hyps) for _ in pairs[len(reused[direction]):]]
         results[direction] = score(outputs, [r for _, r in pairs], direction.split("-")[1], languages) | {
             "outputs": outputs, "examples": [{"source": s, "reference": r, "output": h}
                                              for (s, r), h in list(zip(pairs, outputs, strict=True))[:3]]}

@@ -77,6 +77,10 @@ class Run:
     def cached(self, stage: str, key: str, *files: str) -> bool:
         return self._stages().get(stage) == key and all((self.output / f).exists() for f in files)
 
+    def key(self, stage: str) -> str | None:
+        """The fingerprint a stage last finished with (None: never)."""
+        return self._stages().get(stage)
+
     def done(self, stage: str, key: str) -> None:
         if self.rank == 0:
             (self.output / STAGES).write_text(json.dumps(self._stages() | {stage: key}, indent=2))
@@ -216,10 +220,15 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def stage_evaluate(run: Run, model, tokenizer, artifact, base_perplexity: dict[str, float], upstream: str) -> dict:
     c = run.config
-    key = fingerprint(upstream, c.eval.model_dump(), c.method.name, c.method.few_shot)
+    def key_at(limit: int | None) -> str:
+        return fingerprint(upstream, c.eval.model_copy(update={"limit": limit}).model_dump(), c.method.name,
+                           c.method.few_shot)
+
+    key = key_at(c.eval.limit)
     if run.cached("evaluate", key, "eval.json"):
         print("evaluate: cached", flush=True)
         return json.loads((run.output / "eval.json").read_text())
+    known = _reusable_translations(run, key_at)
     partition = artifact.partition if artifact and METHOD_SPECS[c.method.name].routed else None
     pair_id = (lambda s, t: partition.pair_id(s, t)) if partition else (lambda s, t: None)
     shots = None
@@ -231,7 +240,7 @@ def stage_evaluate(run: Run, model, tokenizer, artifact, base_perplexity: dict[s
     for name in c.eval.testsets:
         usable = [d for d in c.data.directions() if _has(c, name, d)]
         scores = evaluate_directions(model, tokenizer, DEFAULT_TEMPLATE, usable, name, c.data.root, c.eval.limit,
-                                     pair_id, c.eval.batch_size, c.eval.max_new_tokens, shots)
+                                     pair_id, c.eval.batch_size, c.eval.max_new_tokens, shots, known=known.get(name))
         results["testsets"][name] = scores
     # Forgetting. A mask-rule model unrouted is its trained weights with every neuron; a delta-rule model
     # unrouted is the base itself, so its text of language l goes through the pair en-l (en: with the first other).
@@ -249,6 +258,22 @@ def stage_evaluate(run: Run, model, tokenizer, artifact, base_perplexity: dict[s
                                         + "\n\n## Perplexity on held-out text\n\n" + "\n".join(ppl) + "\n")
     run.done("evaluate", key)
     return results
+
+
+def _reusable_translations(run: Run, key_at) -> dict[str, dict[str, list[str]]]:
+    """{test set: {direction: outputs}} of the stored eval.json when this evaluation would make them again: it was
+    made with every setting of this one but the limit (re-keyed at its sentence count, it gives the key it was
+    stored with). So raising eval.limit (100 devtest sentences per direction to 200) translates only the new
+    sentences: each output is that sentence's alone (landermt.decode), whatever else shares its batch."""
+    path = run.output / "eval.json"
+    if not path.exists() or run.key("evaluate") is None:
+        return {}
+    stored = json.loads(path.read_text())["testsets"]
+    counts = [len(scores["outputs"]) for directions in stored.values() for scores in directions.values()]
+    if not counts or key_at(max(counts)) != run.key("evaluate"):
+        return {}
+    print(f"evaluate: reusing {sum(counts)} stored translations", flush=True)
+    return {name: {d: scores["outputs"] for d, scores in directions.items()} for name, directions in stored.items()}
 
 
 def _has(config: RunConfig, testset_name: str, direction: str) -> bool:
