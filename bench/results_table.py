@@ -79,6 +79,7 @@ def main() -> None:
     table = ROOT / "bench" / "results" / f"table_{name}.json"
     rows = json.loads(table.read_text()) if table.exists() else {}
     against = json.loads((args.against / "eval.json").read_text()) if args.against else None
+    made = []  # this call's rows
     for run in args.runs:
         result = json.loads((run / "eval.json").read_text())
         config = yaml.safe_load((run / "config.yaml").read_text())
@@ -86,7 +87,8 @@ def main() -> None:
         ppl = result["perplexity"]
         log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] \
             if (run / "train_log.jsonl").exists() else []
-        rows[row_name(result["method"], config, run)] = {
+        made.append(row_name(result["method"], config, run))
+        rows[made[-1]] = {
             "bleu": {d: s["bleu"] for d, s in scores.items()},
             "mean_bleu": sum(s["bleu"] for s in scores.values()) / len(scores),
             "mean_bleu_interval": mean_bleu_interval(scores),
@@ -103,12 +105,16 @@ def main() -> None:
         }
         if against is not None and run != args.against:  # paired: the same sentences, the same resamples
             baseline = against["testsets"][args.testset]
-            rows[row_name(result["method"], config, run)]["mean_bleu_difference"] = {
+            rows[made[-1]]["mean_bleu_difference"] = {
                 "against": row_name(against["method"], yaml.safe_load((args.against / "config.yaml").read_text()),
                                     args.against),
                 "difference": (sum(s["bleu"] for s in scores.values())
                                - sum(s["bleu"] for s in baseline.values())) / len(scores),
                 "interval": paired_difference_interval(scores, baseline)}
+    sample = {rows[row]["sentences"] for row in made}
+    for row in [row for row, r in rows.items() if r["sentences"] not in sample]:  # one table, one sample of sentences
+        print(f"dropped {row!r}: {rows.pop(row)['sentences']} sentences per direction, this table's {sample}; give "
+              "it a table of its own (--table)", flush=True)
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(json.dumps(rows, indent=2) + "\n")
     directions = list(next(iter(rows.values()))["bleu"])
