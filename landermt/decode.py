@@ -1,9 +1,10 @@
 """Continuous batching for greedy translation: rows join and leave one running batch between steps.
 
 `greedy` (generate.py) runs a fixed batch until its longest row ends. Here a `RunningBatch` keeps
-the KV cache of every unfinished row; `admit()` prefills newly arrived rows (one forward over just
-them) and merges their cache into the running one; `decode()` runs one step for all rows with
-per-row pair ids (landermt.routing). A row leaves as soon as it stops (EOS, a newline, or its own
+the KV cache of every unfinished row; `step()` admits newly arrived rows and gives every running row its
+next token in one forward over the real tokens of both (landermt.packing: prefill packed into the decode
+step), with per-token pair ids (landermt.routing); where the model cannot pack (BLOOM) or nothing is
+running, `admit()` prefills the new rows in a forward of their own and `decode()` runs the step. A row leaves as soon as it stops (EOS, a newline, or its own
 `max_new_tokens`), so short translations never wait for long ones and new requests never wait for
 a whole batch to finish.
 
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from landermt import packing
 from landermt.beam import BeamSearch
 from landermt.routing import route
 
@@ -98,6 +100,7 @@ class RunningBatch:
         self.takes_positions = "position_ids" in parameters
         self.keeps_last_logits = "logits_to_keep" in parameters  # prefill skips the LM head on every other position
         self.window = self._sliding_window(model.config)
+        self.packs = self.takes_positions and packing.can_pack(model)  # prefill inside the decode step
         self.rows: list[Request] = []
         self.ids = self.mask = self.cache = None  # [B, T] tokens (the last one not yet in the cache), mask, cache
 
@@ -120,9 +123,7 @@ class RunningBatch:
     def admit(self, requests: list[Request]) -> list[Request]:
         """Prefill `requests` (their first token is then computed) and add them to the batch; returns the
         ones that already finished. If the forward fails, the running batch is unchanged."""
-        for request in requests:
-            if request.beams > 1:
-                request.search = BeamSearch(request.beams, self.stops, request.max_new_tokens)
+        self._start_searches(requests)
         known = [self.prefixes.match(r.pair_id, r.prompt_ids) if self.prefixes else (0, []) for r in requests]
         prefix = max(length for length, _ in known)
         suffix = max(r.prompt_tokens - length for r, (length, _) in zip(requests, known, strict=True))
@@ -147,23 +148,69 @@ class RunningBatch:
         logits = self._forward(prompt[:, prefix:], mask, cache, [r.pair_id for r in requests])
         if self.prefixes is not None:
             self._remember(requests, known, cache, prefix + suffix)
-        order, tokens, done = self._advance(requests, logits)
-        if order:
-            index = torch.tensor(order)
-            if order != list(range(len(requests))):
-                prompt, mask = prompt[index], mask[index]
-                cache.batch_select_indices(index)
-            ids = torch.cat([prompt, torch.tensor(tokens)[:, None]], dim=1)
-            self._merge([requests[i] for i in order], ids, F.pad(mask, (0, 1), value=1), cache)
-            self._trim()  # rows that finished at once may leave columns that are padding everywhere
-        return done
+        return self._join(requests, prompt, mask, cache, logits)
 
     @torch.no_grad()
     def decode(self) -> list[Request]:
         """One new token for every row (hypothesis); returns the requests that finished."""
         if not self.rows:
             return []
-        logits = self._forward(self.ids[:, -1:], self.mask, self.cache, [r.pair_id for r in self.rows])
+        return self._continue(self._forward(self.ids[:, -1:], self.mask, self.cache, [r.pair_id for r in self.rows]))
+
+    @torch.no_grad()
+    def step(self, requests: list[Request]) -> list[Request]:
+        """Admit `requests` (their first token) and give every running row its next token; returns the requests
+        that finished. With rows running and a model that can pack (landermt.packing), both happen in one forward
+        over the real tokens only; otherwise `admit` then `decode`."""
+        if not requests:
+            return self.decode()
+        if not self.rows or not self.packs:
+            return self.admit(requests) + self.decode()
+        self._start_searches(requests)
+        config, running = self.model.config, len(self.rows)
+        positions = (self.mask.long().cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -1:]
+        parts = [packing.Part(0, running, self.cache, packing.masks(self.model, self.cache, 1, running, self.mask,
+                                                                    positions), rows=True)]
+        ids, position_ids, pair_ids, known = [self.ids[:, -1]], [positions[:, 0]], [r.pair_id for r in self.rows], []
+        for request in requests:
+            length, kv = self.prefixes.match(request.pair_id, request.prompt_ids) if self.prefixes else (0, [])
+            cache = DynamicCache(config=config)
+            for layer, (key, value) in enumerate(kv):
+                cache.update(key, value, layer)
+            where = torch.arange(length, request.prompt_tokens)
+            start = parts[-1].end
+            parts.append(packing.Part(start, start + len(where), cache,
+                                      packing.masks(self.model, cache, len(where), 1, None, where[None])))
+            ids.append(torch.tensor(request.prompt_ids[length:]))
+            position_ids.append(where)
+            pair_ids += [request.pair_id] * len(where)
+            known.append(length)
+        if self.prefixes is not None:
+            self.prefixes.reused_tokens += sum(known)
+        keep = torch.tensor([*range(running), *(part.end - 1 for part in parts[1:])])
+        kwargs = {"logits_to_keep": keep} if self.keeps_last_logits else {}
+        with packing.packed(self.model, parts) as packed_step, route(torch.tensor([pair_ids]) if self.routed
+                                                                      else None):
+            logits = self.model(input_ids=torch.cat(ids)[None], position_ids=torch.cat(position_ids)[None],
+                                past_key_values=packed_step, use_cache=True, **kwargs).logits[0]
+        if not self.keeps_last_logits:
+            logits = logits[keep]
+        done = self._continue(logits[:running])
+        # the admitted rows as one left-padded batch (ids, mask, cache), as `admit` makes it
+        width = max(r.prompt_tokens for r in requests)
+        prompt = torch.stack([_pad_left(torch.tensor(r.prompt_ids)[None], width, self.pad)[0] for r in requests])
+        mask = torch.stack([_pad_left(torch.ones(1, r.prompt_tokens, dtype=torch.long), width)[0] for r in requests])
+        cache = DynamicCache(config=config)
+        for layer in range(len(parts[1].cache.layers)):
+            cache.update(torch.cat([_pad_left(part.cache.layers[layer].keys, width) for part in parts[1:]]),
+                         torch.cat([_pad_left(part.cache.layers[layer].values, width) for part in parts[1:]]), layer)
+        if self.prefixes is not None:
+            self._remember(requests, [(length, []) for length in known], cache, width)
+        return done + self._join(requests, prompt, mask, cache, logits[running:])
+
+    def _continue(self, logits: torch.Tensor) -> list[Request]:
+        """The running rows after a step that gave each its logits [rows, vocabulary] (its cache already holds the
+        step's token): finished requests leave, beams are reordered, each row gets its next token."""
         order, tokens, done = self._advance(self.rows, logits)
         if not order:
             self.rows, self.ids, self.mask, self.cache = [], None, None, None
@@ -176,6 +223,27 @@ class RunningBatch:
             self._trim()
         self.ids = torch.cat([self.ids, torch.tensor(tokens)[:, None]], dim=1)
         self.mask = F.pad(self.mask, (0, 1), value=1)
+        return done
+
+    def _start_searches(self, requests: list[Request]) -> None:
+        for request in requests:
+            if request.beams > 1:
+                request.search = BeamSearch(request.beams, self.stops, request.max_new_tokens)
+
+    def _join(self, requests: list[Request], prompt: torch.Tensor, mask: torch.Tensor, cache,
+              logits: torch.Tensor) -> list[Request]:
+        """Admitted rows after their prefill (left-padded prompt ids and mask [n, T], `cache` over them, logits
+        [n, vocabulary] of their last position) join the running batch with their first token; returns the
+        requests that already finished."""
+        order, tokens, done = self._advance(requests, logits)
+        if order:
+            index = torch.tensor(order)
+            if order != list(range(len(requests))):
+                prompt, mask = prompt[index], mask[index]
+                cache.batch_select_indices(index)
+            ids = torch.cat([prompt, torch.tensor(tokens)[:, None]], dim=1)
+            self._merge([requests[i] for i in order], ids, F.pad(mask, (0, 1), value=1), cache)
+            self._trim()  # rows that finished at once may leave columns that are padding everywhere
         return done
 
     def _advance(self, rows: list[Request], logits: torch.Tensor) -> tuple[list[int], list[int], list[Request]]:

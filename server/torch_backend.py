@@ -117,16 +117,15 @@ class TorchBackend:
                 self.done(row, outcome)
 
     def _step(self, admitted: list[Row]) -> list[tuple[Row, list[list[int]]]]:
-        """Worker thread: admit (prefill) new rows, then one decode step for the whole running batch;
-        returns the rows that finished with their hypotheses."""
-        finished = self.running.admit([Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens, row.beams)
-                                       for row in admitted]) if admitted else []
+        """Worker thread: one step of the running batch, new rows admitted (prefilled, in the same forward where the
+        model can pack: RunningBatch.step); returns the rows that finished with their hypotheses."""
+        if len(self.running):
+            self.metrics.batch_size.observe(len(self.running))
+        finished = self.running.step([Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens, row.beams)
+                                      for row in admitted])
         now = time.monotonic()
         for row in admitted:
             self.metrics.first_token_seconds.observe(now - row.queued_at)
-        if len(self.running):
-            self.metrics.batch_size.observe(len(self.running))
-            finished += self.running.decode()
         return [(request.key, request.hypotheses) for request in finished]
 
     def _each_alone(self, rows: list[Row]) -> list[tuple[Row, list[list[int]] | Exception]]:

@@ -13,6 +13,8 @@ from landermt.generate import decoded, greedy, stop_token_ids
 from landermt.prompts import DEFAULT_TEMPLATE, render_prompt
 from landermt.routing import patch, route
 from tests.conftest import FAMILY_NAMES, PARALLEL, tiny_model
+from tests.test_delta import attention_patched
+from tests.test_routing import random_partition
 
 PROMPTS = ["Translate English to German: The weather is nice today.", "Hello", "Good",
            "Where is the train station in the old town of the city?", "Das Wetter", "Il fait beau aujourd'hui."]
@@ -38,7 +40,15 @@ def request(tokenizer, key, prompt: str, pair_id: int, max_new_tokens: int) -> R
     return Request(key, tokenizer(prompt).input_ids, pair_id, max_new_tokens)
 
 
-def run_staggered(model, tokenizer, arrivals: dict[int, list[int]]) -> tuple[dict, int]:
+def advance(batch: RunningBatch, new: list[Request], packed: bool) -> list[Request]:
+    """One step of the batch with `new` rows admitted: packed into the decode step's forward (RunningBatch.step,
+    the engine's way), or admitted in a forward of their own and then decoded."""
+    if packed:
+        return batch.step(new)
+    return (batch.admit(new) if new else []) + batch.decode()
+
+
+def run_staggered(model, tokenizer, arrivals: dict[int, list[int]], packed: bool = True) -> tuple[dict, int]:
     """Rows arrive at the given decode steps; returns ({row: Generation}, largest batch seen)."""
     batch = running_batch(model, tokenizer)
     waiting: list[Request] = []
@@ -47,22 +57,33 @@ def run_staggered(model, tokenizer, arrivals: dict[int, list[int]]) -> tuple[dic
         waiting += [request(tokenizer, i, PROMPTS[i], PAIR_IDS[i], MAX_NEW) for i in arrivals.get(step, [])]
         admitted = [r for r in waiting if batch.can_admit(r.prompt_tokens)]
         waiting = [r for r in waiting if r not in admitted]
-        done = batch.admit(admitted) if admitted else []
-        largest = max(largest, len(batch))
-        done += batch.decode()
+        largest = max(largest, len(batch) + len(admitted))
+        done = advance(batch, admitted, packed)
         out.update({r.key: decoded(tokenizer, r.prompt_tokens, r.new) for r in done})
         step += 1
     return out, largest
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_rows_joining_mid_flight_match_each_row_alone(family, tokenizer):
+def test_rows_joining_mid_flight_match_each_row_alone(family, packed, tokenizer):
     model = routed(tiny_model(family, len(tokenizer)))
+    assert running_batch(model, tokenizer).packs == (family != "bloom")  # BLOOM's ALiBi: separate prefill only
     alone = [greedy(model, tokenizer, [p], [i], MAX_NEW)[0] for p, i in zip(PROMPTS, PAIR_IDS, strict=True)]
-    together, largest = run_staggered(model, tokenizer, {0: [0, 1], 1: [2], 3: [3, 4, 5]})
+    together, largest = run_staggered(model, tokenizer, {0: [0, 1], 1: [2], 3: [3, 4, 5]}, packed)
     assert [together[i] for i in range(len(PROMPTS))] == alone
     if family != "gemma":  # the tiny Gemma's 16-token window keeps most rows apart (next test)
         assert largest >= 3  # rows really shared the batch
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_delta_routed_rows_packed_into_decode_steps_match_each_row_alone(family, tokenizer):
+    """The delta rule, neuron and attention updates, with per-token pair ids in packed steps."""
+    model = tiny_model(family, len(tokenizer), sliding_window=128)
+    attention_patched(model, random_partition(model))
+    alone = [greedy(model, tokenizer, [p], [i], MAX_NEW)[0] for p, i in zip(PROMPTS, PAIR_IDS, strict=True)]
+    together, largest = run_staggered(model, tokenizer, {0: [0, 1], 1: [2], 3: [3, 4, 5]})
+    assert [together[i] for i in range(len(PROMPTS))] == alone and largest >= 3
 
 
 def test_sliding_window_rows_merge_below_the_window_and_wait_above_it(tokenizer):
@@ -142,8 +163,9 @@ def beam_alone(model, prompt_ids: list[int], pair_id: int, width: int, max_new: 
     return [list(ids) for ids in search.best()]
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_beam_rows_share_the_batch_with_greedy_rows_and_match_each_alone(family, tokenizer):
+def test_beam_rows_share_the_batch_with_greedy_rows_and_match_each_alone(family, packed, tokenizer):
     model = routed(tiny_model(family, len(tokenizer)))
     stops = stop_token_ids(tokenizer)
     widths = [3, 1, 2, 4, 1, 2]
@@ -157,9 +179,7 @@ def test_beam_rows_share_the_batch_with_greedy_rows_and_match_each_alone(family,
                     for i in arrivals.get(step, [])]
         new = [r for r in waiting if batch.can_admit(r.prompt_tokens)]
         waiting = [r for r in waiting if r not in new]
-        done = batch.admit(new) if new else []
-        done += batch.decode()
-        got.update({r.key: r for r in done})
+        got.update({r.key: r for r in advance(batch, new, packed)})
         step += 1
     assert {i: got[i].hypotheses for i in want} == want
     for i, width in enumerate(widths):
@@ -192,8 +212,9 @@ def test_beam_search_stops_at_the_budget_with_what_is_live():
     assert search.done and len(search.best()) == 2 and all(len(ids) == 2 for ids in search.best())
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_rows_reusing_their_pairs_prompt_prefix_match_each_row_alone(family, tokenizer):
+def test_rows_reusing_their_pairs_prompt_prefix_match_each_row_alone(family, packed, tokenizer):
     """Prefix reuse: later rows of a pair prefill only what follows the KV kept from its first prompt, in a
     batch with rows that reuse nothing (other pairs), greedy and beam, and in a new batch sharing the cache.
     (Gemma 3's window is wider than the batch here: a window the prompts cross is test_sliding_window_...)"""
@@ -209,9 +230,7 @@ def test_rows_reusing_their_pairs_prompt_prefix_match_each_row_alone(family, tok
     for step in range(40):
         new = [Request(i, tokenizer(rows[i][0]).input_ids, rows[i][1], MAX_NEW, beams=2 if i == 4 else 1)
                for i in arrivals.get(step, [])]
-        done = batch.admit(new) if new else []
-        done += batch.decode()
-        got.update({r.key: r for r in done})
+        got.update({r.key: r for r in advance(batch, new, packed)})
     template = len(tokenizer(render_prompt(DEFAULT_TEMPLATE, "en", "de", "")).input_ids) - 2
     assert prefixes.reused_tokens >= 3 * template  # rows 2, 3 and 4 each reused at least the template
     fresh = RunningBatch(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), True, prefixes)

@@ -81,8 +81,7 @@ def translate_all(model, tokenizer, template: str, sentences: list[Sentence], ba
             while (waiting and (not (len(batch) or admitted) or len(batch) + beams * (len(admitted) + 1) <= batch_size)
                    and batch.can_admit(waiting[0].prompt_tokens)):
                 admitted.append(waiting.pop(0))
-            done = batch.admit(admitted) if admitted else []
-            done += batch.decode()
+            done = batch.step(admitted)
             for request in done:
                 outputs[request.key] = decoded(tokenizer, request.prompt_tokens, request.new).text
             bar.update(len(done))
