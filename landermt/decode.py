@@ -4,9 +4,9 @@
 the KV cache of every unfinished row; `step()` admits newly arrived rows and gives every running row its
 next token in one forward over the real tokens of both (landermt.packing: prefill packed into the decode
 step), with per-token pair ids (landermt.routing); where the model cannot pack (BLOOM) or nothing is
-running, `admit()` prefills the new rows in a forward of their own and `decode()` runs the step. A row leaves as soon as it stops (EOS, a newline, or its own
-`max_new_tokens`), so short translations never wait for long ones and new requests never wait for
-a whole batch to finish.
+running, `admit()` prefills the new rows in a forward of their own and `decode()` runs the step.
+A row leaves as soon as it stops (EOS, a newline, or its own `max_new_tokens`), so short translations
+never wait for long ones and new requests never wait for a whole batch to finish.
 
 Merging: rows are left-padded, so two caches of lengths T1 < T2 merge by left-padding the shorter
 one with masked zeros to T2. A sliding-window cache layer (Gemma 3) keeps only its last W − 1
