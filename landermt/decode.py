@@ -89,12 +89,26 @@ class PrefixCache:
         self.entries.setdefault(pair_id, (list(prompt_ids), kv))
 
 
+@dataclass
+class Prefill:
+    """A row being prefilled by `RunningBatch.step`: its own cache holds its prompt's first `done` tokens, the
+    first `reused` of them a known prefix's (PrefixCache)."""
+
+    request: Request
+    cache: DynamicCache
+    done: int
+    reused: int
+
+
 class RunningBatch:
     def __init__(self, model, pad_token_id: int, stop_ids: list[int], routed: bool,
-                 prefixes: PrefixCache | None = None):
+                 prefixes: PrefixCache | None = None, prefill_tokens: int | None = None):
         """`stop_ids`: the tokens that end a row (landermt.generate.stop_token_ids); `prefixes`: reuse the KV of
-        prompt prefixes seen before (kept by the caller, so it outlives the batch)."""
+        prompt prefixes seen before (kept by the caller, so it outlives the batch); `prefill_tokens`: the prompt
+        tokens a packed step prefills at most (None: every waiting prompt whole)."""
         self.model, self.pad, self.routed, self.prefixes = model, pad_token_id, routed, prefixes
+        self.prefill_tokens = prefill_tokens
+        self.prefilling: list[Prefill] = []  # taken in by `step`, prompt not yet complete (oldest first)
         self.stops = set(stop_ids)
         parameters = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in parameters
@@ -110,13 +124,25 @@ class RunningBatch:
         return getattr(config, "sliding_window", None) if any("sliding" in t for t in types) else None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Batch rows in use: running hypotheses, and the rows being prefilled (a beam's counted at its width)."""
+        return len(self.rows) + sum(prefill.request.beams for prefill in self.prefilling)
+
+    @property
+    def requests(self) -> list[Request]:
+        """Every request in the batch, running or being prefilled, each once."""
+        return [*{id(r): r for r in self.rows}.values(), *(prefill.request for prefill in self.prefilling)]
 
     def can_admit(self, prompt_tokens: int) -> bool:
-        """Whether a row with this many prompt tokens can join now without misaligning a sliding window."""
+        """Whether a row with this many prompt tokens can join without misaligning a sliding window: the running
+        batch, as wide as it will be when the row joins (after the steps that prefill it and those queued
+        before it, under `step`), and the row itself must stay below the window."""
         if self.window is None or self.ids is None:
             return True
-        return max(self.ids.shape[1], prompt_tokens + 1) < self.window
+        lag = 0
+        if self.packs:  # the row joins after the step's decode token, once every older prompt is prefilled
+            queued = prompt_tokens + sum(p.request.prompt_tokens - p.done for p in self.prefilling)
+            lag = -(-queued // self.prefill_tokens) if self.prefill_tokens else 1
+        return max(self.ids.shape[1] + lag, prompt_tokens + 1) < self.window
 
     # --- steps ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -159,54 +185,76 @@ class RunningBatch:
 
     @torch.no_grad()
     def step(self, requests: list[Request]) -> list[Request]:
-        """Admit `requests` (their first token) and give every running row its next token; returns the requests
-        that finished. With rows running and a model that can pack (landermt.packing), both happen in one forward
-        over the real tokens only; otherwise `admit` then `decode`."""
-        if not requests:
-            return self.decode()
-        if not self.rows or not self.packs:
-            return self.admit(requests) + self.decode()
+        """Take in `requests` and run one step; returns the requests that finished. Where the model can pack
+        (landermt.packing), the step is one forward over real tokens only: every running row's next token and up
+        to `prefill_tokens` prompt tokens of the rows being prefilled, oldest first (a prompt over the budget is
+        prefilled in chunks over several steps, so running rows never wait for a long prefill); a row whose
+        prompt is complete joins the running batch with its first token. Otherwise `admit`, then `decode` (and a
+        step with nothing to prefill is `decode`)."""
+        if not self.packs or not (requests or self.prefilling):
+            return (self.admit(requests) if requests else []) + self.decode()
         self._start_searches(requests)
-        config, running = self.model.config, len(self.rows)
-        positions = (self.mask.long().cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -1:]
-        parts = [packing.Part(0, running, self.cache, packing.masks(self.model, self.cache, 1, running, self.mask,
-                                                                    positions), rows=True)]
-        ids, position_ids, pair_ids, known = [self.ids[:, -1]], [positions[:, 0]], [r.pair_id for r in self.rows], []
-        for request in requests:
-            length, kv = self.prefixes.match(request.pair_id, request.prompt_ids) if self.prefixes else (0, [])
-            cache = DynamicCache(config=config)
-            for layer, (key, value) in enumerate(kv):
-                cache.update(key, value, layer)
-            where = torch.arange(length, request.prompt_tokens)
-            start = parts[-1].end
-            parts.append(packing.Part(start, start + len(where), cache,
-                                      packing.masks(self.model, cache, len(where), 1, None, where[None])))
-            ids.append(torch.tensor(request.prompt_ids[length:]))
-            position_ids.append(where)
-            pair_ids += [request.pair_id] * len(where)
-            known.append(length)
-        if self.prefixes is not None:
-            self.prefixes.reused_tokens += sum(known)
-        keep = torch.tensor([*range(running), *(part.end - 1 for part in parts[1:])])
+        self.prefilling += [self._start_prefill(request) for request in requests]
+        if not self.rows and not self.prefilling:
+            return []
+        running, parts, ids, positions, pair_ids = len(self.rows), [], [], [], []
+        if running:
+            where = (self.mask.long().cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -1:]
+            parts.append(packing.Part(0, running, self.cache, packing.masks(self.model, self.cache, 1, running,
+                                                                            self.mask, where), rows=True))
+            ids.append(self.ids[:, -1])
+            positions.append(where[:, 0])
+            pair_ids += [r.pair_id for r in self.rows]
+        budget, chunks = self.prefill_tokens or sum(p.request.prompt_tokens for p in self.prefilling), []
+        for prefill in self.prefilling:
+            take = min(prefill.request.prompt_tokens - prefill.done, budget)
+            if take <= 0:
+                break
+            budget -= take
+            where = torch.arange(prefill.done, prefill.done + take)
+            start = parts[-1].end if parts else 0
+            parts.append(packing.Part(start, start + take, prefill.cache,
+                                      packing.masks(self.model, prefill.cache, take, 1, None, where[None])))
+            ids.append(torch.tensor(prefill.request.prompt_ids[prefill.done : prefill.done + take]))
+            positions.append(where)
+            pair_ids += [prefill.request.pair_id] * take
+            prefill.done += take
+            chunks.append((prefill, parts[-1]))
+        complete = [(prefill, part) for prefill, part in chunks if prefill.done == prefill.request.prompt_tokens]
+        keep = torch.tensor([*range(running), *(part.end - 1 for _, part in complete)], dtype=torch.long)
         kwargs = {"logits_to_keep": keep} if self.keeps_last_logits else {}
-        with packing.packed(self.model, parts) as packed_step, route(torch.tensor([pair_ids]) if self.routed
-                                                                      else None):
-            logits = self.model(input_ids=torch.cat(ids)[None], position_ids=torch.cat(position_ids)[None],
-                                past_key_values=packed_step, use_cache=True, **kwargs).logits[0]
+        with packing.packed(self.model, parts) as step, route(torch.tensor([pair_ids]) if self.routed else None):
+            logits = self.model(input_ids=torch.cat(ids)[None], position_ids=torch.cat(positions)[None],
+                                past_key_values=step, use_cache=True, **kwargs).logits[0]
         if not self.keeps_last_logits:
             logits = logits[keep]
-        done = self._continue(logits[:running])
-        # the admitted rows as one left-padded batch (ids, mask, cache), as `admit` makes it
+        done = self._continue(logits[:running]) if running else []
+        if not complete:
+            return done
+        # the rows whose prompt is complete, as one left-padded batch (ids, mask, cache) like `admit` makes
+        joining = [prefill for prefill, _ in complete]
+        self.prefilling = [prefill for prefill in self.prefilling if prefill not in joining]
+        requests = [prefill.request for prefill in joining]
         width = max(r.prompt_tokens for r in requests)
-        prompt = torch.stack([_pad_left(torch.tensor(r.prompt_ids)[None], width, self.pad)[0] for r in requests])
+        prompt = torch.stack([_pad_left(torch.tensor([r.prompt_ids]), width, self.pad)[0] for r in requests])
         mask = torch.stack([_pad_left(torch.ones(1, r.prompt_tokens, dtype=torch.long), width)[0] for r in requests])
-        cache = DynamicCache(config=config)
-        for layer in range(len(parts[1].cache.layers)):
-            cache.update(torch.cat([_pad_left(part.cache.layers[layer].keys, width) for part in parts[1:]]),
-                         torch.cat([_pad_left(part.cache.layers[layer].values, width) for part in parts[1:]]), layer)
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(joining[0].cache.layers)):
+            cache.update(torch.cat([_pad_left(p.cache.layers[layer].keys, width) for p in joining]),
+                         torch.cat([_pad_left(p.cache.layers[layer].values, width) for p in joining]), layer)
         if self.prefixes is not None:
-            self._remember(requests, [(length, []) for length in known], cache, width)
+            self._remember(requests, [(p.reused, []) for p in joining], cache, width)
         return done + self._join(requests, prompt, mask, cache, logits[running:])
+
+    def _start_prefill(self, request: Request) -> Prefill:
+        """A row about to be prefilled: its cache starts as its pair's known prompt prefix, if any."""
+        reused, kv = self.prefixes.match(request.pair_id, request.prompt_ids) if self.prefixes else (0, [])
+        cache = DynamicCache(config=self.model.config)
+        for layer, (key, value) in enumerate(kv):
+            cache.update(key, value, layer)
+        if self.prefixes is not None:
+            self.prefixes.reused_tokens += reused
+        return Prefill(request, cache, reused, reused)
 
     def _continue(self, logits: torch.Tensor) -> list[Request]:
         """The running rows after a step that gave each its logits [rows, vocabulary] (its cache already holds the

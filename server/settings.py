@@ -27,6 +27,7 @@ class Settings:
     beams: int = 1  # default decoding: 1 greedy, n > 1 beam search of width n (a request may ask for its own)
     max_beams: int = 8  # the widest beam a request may ask for (`num_beams`, or `alternatives` + 1)
     prefix_reuse: bool = True  # torch backend: keep each pair's prompt-prefix KV and prefill only what follows it
+    prefill_tokens: int = 512  # torch backend: prompt tokens prefilled per step, with the decode step (0: no limit)
     jobs_db: str = str(Path.home() / ".local" / "share" / "landermt" / "jobs.sqlite3")
     max_job_lines: int = 100_000
     api_keys: str | None = None  # JSON file of hashed API keys (python -m server.keys); None: no auth

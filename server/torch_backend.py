@@ -3,8 +3,10 @@
 Continuous batching (landermt.decode): between decode steps, submitted rows of *any* pair join the
 running batch, each prefilling only what follows its pair's prompt prefix once that prefix's KV is known
 (`--prefix-reuse`); when idle it waits for the first row and gathers more for up to `max_wait_ms`. Each
-step (prefill of the joining rows, then one decode step for all rows with per-row pair ids) runs on a
-dedicated worker thread; a row is reported done as soon as its translation ends.
+step is one forward (RunningBatch.step, landermt.packing): every running row's next token and up to
+`--prefill-tokens` prompt tokens of joining rows, with per-token pair ids (BLOOM: the joining rows' prefill,
+then the decode step). Steps run on a dedicated worker thread; a row is reported done as soon as its
+translation ends.
 
 Threads: the worker thread sees token ids and the model, nothing else (a fast tokenizer's padding
 settings are state shared by its callers, see landermt.decode); rows are reported on the event loop.
@@ -39,6 +41,8 @@ class TorchBackend:
         self.slots, self.max_wait = settings.max_batch_size, settings.max_wait_ms / 1000
         self.metrics = metrics
         self.prefixes = PrefixCache() if settings.prefix_reuse else None  # outlives a batch replaced after a failure
+        self.prefill_tokens = settings.prefill_tokens or None
+        self.awaiting: list[Request] = []  # in the running batch, no first token yet (time-to-first-token)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
         self.pending: list[Row] = []  # submitted, not yet in the running batch (in the order submitted)
         self.running = self._new_batch()
@@ -58,7 +62,8 @@ class TorchBackend:
         return backend, tokenizer
 
     def _new_batch(self) -> RunningBatch:
-        return RunningBatch(self.model, self.pad, self.stop_ids, routed=self.routed, prefixes=self.prefixes)
+        return RunningBatch(self.model, self.pad, self.stop_ids, routed=self.routed, prefixes=self.prefixes,
+                            prefill_tokens=self.prefill_tokens)
 
     # --- the Backend protocol ------------------------------------------------------------------
     def start(self, done: Done) -> None:
@@ -108,8 +113,8 @@ class TorchBackend:
                 finished = await loop.run_in_executor(self.worker, self._step, admitted)
                 self.metrics.batch_seconds.observe(time.monotonic() - started)
             except Exception as error:  # find the rows that caused it: run each alone
-                suspects = list({id(row): row for row in [*admitted, *(r.key for r in self.running.rows)]}.values())
-                self.running = self._new_batch()
+                suspects = list({id(row): row for row in [*admitted, *(r.key for r in self.running.requests)]}.values())
+                self.running, self.awaiting = self._new_batch(), []
                 log.warning("engine step failed (%s: %s); running its %d rows one at a time",
                             type(error).__name__, error, len(suspects))
                 finished = await loop.run_in_executor(self.worker, self._each_alone, suspects)
@@ -121,11 +126,14 @@ class TorchBackend:
         model can pack: RunningBatch.step); returns the rows that finished with their hypotheses."""
         if len(self.running):
             self.metrics.batch_size.observe(len(self.running))
-        finished = self.running.step([Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens, row.beams)
-                                      for row in admitted])
-        now = time.monotonic()
-        for row in admitted:
-            self.metrics.first_token_seconds.observe(now - row.queued_at)
+        requests = [Request(row, row.prompt_ids, row.pair_id, row.max_new_tokens, row.beams) for row in admitted]
+        self.awaiting += requests
+        finished = self.running.step(requests)
+        now, prefilling = time.monotonic(), {id(prefill.request) for prefill in self.running.prefilling}
+        for request in self.awaiting:
+            if id(request) not in prefilling:
+                self.metrics.first_token_seconds.observe(now - request.key.queued_at)
+        self.awaiting = [request for request in self.awaiting if id(request) in prefilling]
         return [(request.key, request.hypotheses) for request in finished]
 
     def _each_alone(self, rows: list[Row]) -> list[tuple[Row, list[list[int]] | Exception]]:

@@ -86,6 +86,26 @@ def test_delta_routed_rows_packed_into_decode_steps_match_each_row_alone(family,
     assert [together[i] for i in range(len(PROMPTS))] == alone and largest >= 3
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_prompts_prefilled_in_chunks_over_several_steps_match_each_row_alone(family, tokenizer):
+    """A 5-token budget per step: prompts are prefilled a chunk at a time, beside running rows, oldest first."""
+    model = routed(tiny_model(family, len(tokenizer), sliding_window=64))
+    alone = [greedy(model, tokenizer, [p], [i], MAX_NEW)[0] for p, i in zip(PROMPTS, PAIR_IDS, strict=True)]
+    batch = RunningBatch(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), True, prefill_tokens=5)
+    arrivals, waiting, out, chunked, step = {0: [0, 1], 2: [2, 3], 4: [4, 5]}, [], {}, 0, 0
+    while step <= max(arrivals) or waiting or len(batch):
+        waiting += [request(tokenizer, i, PROMPTS[i], PAIR_IDS[i], MAX_NEW) for i in arrivals.get(step, [])]
+        admitted = [r for r in waiting if batch.can_admit(r.prompt_tokens)]
+        waiting = [r for r in waiting if r not in admitted]
+        done = batch.step(admitted)
+        chunked += bool(batch.rows and batch.prefilling and 0 < batch.prefilling[0].done)
+        out.update({r.key: decoded(tokenizer, r.prompt_tokens, r.new) for r in done})
+        step += 1
+    assert [out[i] for i in range(len(PROMPTS))] == alone
+    if family != "bloom":  # BLOOM prefills whole prompts in forwards of their own
+        assert chunked  # a prompt was part-way prefilled while other rows ran
+
+
 def test_sliding_window_rows_merge_below_the_window_and_wait_above_it(tokenizer):
     model = routed(tiny_model("gemma", len(tokenizer), sliding_window=64))
     alone = [greedy(model, tokenizer, [p], [i], MAX_NEW)[0] for p, i in zip(PROMPTS, PAIR_IDS, strict=True)]
