@@ -89,7 +89,7 @@ class PrefixCache:
         self.entries.setdefault(pair_id, (list(prompt_ids), kv))
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class Prefill:
     """A row being prefilled by `RunningBatch.step`: its own cache holds its prompt's first `done` tokens, the
     first `reused` of them a known prefix's (PrefixCache)."""
@@ -195,8 +195,6 @@ class RunningBatch:
             return (self.admit(requests) if requests else []) + self.decode()
         self._start_searches(requests)
         self.prefilling += [self._start_prefill(request) for request in requests]
-        if not self.rows and not self.prefilling:
-            return []
         running, parts, ids, positions, pair_ids = len(self.rows), [], [], [], []
         if running:
             where = (self.mask.long().cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -1:]
@@ -229,10 +227,13 @@ class RunningBatch:
         if not self.keeps_last_logits:
             logits = logits[keep]
         done = self._continue(logits[:running]) if running else []
-        if not complete:
-            return done
-        # the rows whose prompt is complete, as one left-padded batch (ids, mask, cache) like `admit` makes
-        joining = [prefill for prefill, _ in complete]
+        if complete:
+            done += self._join_prefilled([prefill for prefill, _ in complete], logits[running:])
+        return done
+
+    def _join_prefilled(self, joining: list[Prefill], logits: torch.Tensor) -> list[Request]:
+        """Rows whose prompt `step` has completed join as one left-padded batch (ids, mask, cache, as `admit`
+        makes it); `logits` [rows, vocabulary] of their last prompt token."""
         self.prefilling = [prefill for prefill in self.prefilling if prefill not in joining]
         requests = [prefill.request for prefill in joining]
         width = max(r.prompt_tokens for r in requests)
@@ -244,7 +245,7 @@ class RunningBatch:
                          torch.cat([_pad_left(p.cache.layers[layer].values, width) for p in joining]), layer)
         if self.prefixes is not None:
             self._remember(requests, [(p.reused, []) for p in joining], cache, width)
-        return done + self._join(requests, prompt, mask, cache, logits[running:])
+        return self._join(requests, prompt, mask, cache, logits)
 
     def _start_prefill(self, request: Request) -> Prefill:
         """A row about to be prefilled: its cache starts as its pair's known prompt prefix, if any."""
