@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -60,16 +59,16 @@ async def translate_all(base: str, direction: str, texts: list[str]) -> list[str
     return [text for answer in answers for text in answer]
 
 
-def serve(engine, lines: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, dict], float]:
-    """Scores per direction of one server mode, and its wall time."""
-    started, results = time.monotonic(), {}
+def serve(engine, lines: dict[str, list[tuple[str, str]]]) -> dict[str, dict]:
+    """Scores per direction of one server mode."""
+    results = {}
     with tempfile.TemporaryDirectory() as tmp, ServerThread(engine, Path(tmp) / "jobs.sqlite3") as base:
         for direction, pairs in lines.items():
             outputs = asyncio.run(translate_all(base, direction, [source for source, _ in pairs]))
             results[direction] = score(outputs, [reference for _, reference in pairs], direction.split("-")[1]) | {
                 "outputs": outputs}
             print(direction, results[direction]["bleu"], flush=True)
-    return results, time.monotonic() - started
+    return results
 
 
 def main() -> None:
@@ -91,15 +90,14 @@ def main() -> None:
     lines = {d: evaluation_set(None, "flores", *d.split("-"))[: args.limit] for d in directions}
     settings = Settings(artifact=args.artifact, port=_free_port(), max_batch_size=16, max_texts=TEXTS_PER_REQUEST)
 
-    modes, seconds = {}, {}
+    modes = {}
     print("routed", flush=True)
-    modes["routed"], seconds["routed"] = serve(torch_engine(model, tokenizer, artifact, settings), lines)
+    modes["routed"] = serve(torch_engine(model, tokenizer, artifact, settings), lines)
     unpatch(model, family_of(model))  # the base weights, the same prompts: what the routed update adds
     print("base, same prompt", flush=True)
-    modes["base, same prompt"], seconds["base, same prompt"] = serve(
-        torch_engine(model, tokenizer, artifact, settings), lines)
+    modes["base, same prompt"] = serve(torch_engine(model, tokenizer, artifact, settings), lines)
     print("base, few-shot", flush=True)
-    modes["base, few-shot"], seconds["base, few-shot"] = serve(torch_engine(model, tokenizer, None, settings), lines)
+    modes["base, few-shot"] = serve(torch_engine(model, tokenizer, None, settings), lines)
 
     rows = {}
     for name, results in modes.items():
@@ -109,7 +107,6 @@ def main() -> None:
             "mean_bleu_interval": [round(x, 2) for x in mean_bleu_interval(results)],
             "mean_chrf": round(sum(r["chrf"] for r in results.values()) / len(results), 2),
             "off_target": round(sum(r["off_target"] for r in results.values()) / len(results), 4),
-            "seconds": round(seconds[name], 1),
             "outputs": {d: r["outputs"] for d, r in results.items()}}
         if name != "routed":
             rows[name]["routed_minus_this_interval"] = [
