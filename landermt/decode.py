@@ -197,7 +197,7 @@ class RunningBatch:
         self.prefilling += [self._start_prefill(request) for request in requests]
         running, parts, ids, positions, pair_ids = len(self.rows), [], [], [], []
         if running:
-            where = (self.mask.long().cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -1:]
+            where = _positions(self.mask)[:, -1:]
             parts.append(packing.Part(0, running, self.cache, packing.masks(self.model, self.cache, 1, running,
                                                                             self.mask, where), rows=True))
             ids.append(self.ids[:, -1])
@@ -330,7 +330,7 @@ class RunningBatch:
         if self.keeps_last_logits:
             kwargs["logits_to_keep"] = 1
         if self.takes_positions:
-            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            positions = _positions(mask)
             kwargs["position_ids"] = positions[:, -ids.shape[1]:]
         with route(torch.tensor(pair_ids) if self.routed else None):
             return self.model(input_ids=ids, **kwargs).logits[:, -1]
@@ -378,6 +378,11 @@ class RunningBatch:
             layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = layer.keys.shape[-2]
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each column's position in its row: real tokens counted from 0, padding at 0 (masked anyway)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def _pad_left(t: torch.Tensor, length: int, value: int = 0) -> torch.Tensor:
