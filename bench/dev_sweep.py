@@ -49,7 +49,8 @@ def partition_key(overrides: dict) -> tuple:
     """Variants that agree on these share one scored partition."""
     return tuple(sorted((k, json.dumps(v)) for k, v in overrides.items() if k.startswith("method.")
                         and k not in ("method.name", "method.routing", "method.lora_rank", "method.lora_alpha",
-                                      "method.lora_targets", "method.update_rank", "method.train_factors")))
+                                      "method.lora_targets", "method.update_rank", "method.train_factors",
+                                      "method.update_factor")))
 
 
 def span(value: object) -> object:

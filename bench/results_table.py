@@ -49,7 +49,8 @@ def row_name(method: str, config: dict, run: Path) -> str:
     if partition.get("routing", "mask") == "delta":  # the delta rule scales nothing: CAR does not apply
         rank, lr = config["method"].get("attention_rank"), float(config["train"]["lr"])
         extra = (f", attention r{rank}" if rank else "") + (", trained factors" if config["method"].get(
-            "train_factors") else "") + (f", lr {lr:g}" if lr != PRESET_LR else "")
+            "train_factors") else "") + (", gradient factors" if config["method"].get(
+            "update_factor") == "gradient" else "") + (f", lr {lr:g}" if lr != PRESET_LR else "")
         return f"{method} delta (layers {span}{epsilon}{extra})"
     return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
 

@@ -79,6 +79,19 @@ def _random_factor(shape: list[int], rank: int, generator: torch.Generator, like
     return (torch.randn(shape, generator=generator) / rank**0.5).to(like)
 
 
+def aligned_factor(gradient: torch.Tensor, rank: int, neuron_axis: int) -> torch.Tensor:
+    """A fixed factor from the base weight's loss gradient instead of noise: the r directions of the weight's other
+    side (input for up and gate, output for down) along which that gradient is largest, its top singular vectors
+    (LoRA-GA's initialisation, Wang et al. 2024), scaled to _random_factor's norm. Shaped as DeltaFFN keeps a factor,
+    one group: [1, r, d] (neuron axis 0) or [1, d, r] (neuron axis 1). Why: a neuron's trained numbers sit on its
+    own side, so for down the fixed factor is the *output* side, which LoRA trains (Zhu et al. 2024: the output
+    factor matters more; a random input factor does nearly as well as a trained one)."""
+    u, _, vh = torch.linalg.svd(gradient.float(), full_matrices=False)
+    other = gradient.shape[1 - neuron_axis]
+    factor = vh[:rank] if neuron_axis == 0 else u[:, :rank]
+    return (factor * (other / rank) ** 0.5)[None].to(gradient.dtype)
+
+
 def _take_over(routed: nn.Module, ffn: nn.Module, family: Family) -> None:
     """`routed` holds `ffn`'s submodules under their names (state-dict keys unchanged) and the attributes its
     family's `finish` reads; `ffn` itself stays out of the module tree, as `base` (for `unpatch`)."""
@@ -232,6 +245,18 @@ class DeltaFFN(nn.Module):
                     value = value.new_zeros([value.shape[0], rank] if axis == 0 else [rank, value.shape[1]])
                 self.update[self.key(name, kind)] = nn.Parameter(torch.zeros_like(value), requires_grad=False)
         self._cache: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None  # _cached
+
+    def fixed_factors(self) -> dict[str, torch.Tensor]:
+        """{module name: its fixed factor buffer} (rank r without train_factors; empty otherwise)."""
+        return {name: getattr(self, f"{name}_factor") for name in self.factored if hasattr(self, f"{name}_factor")}
+
+    @torch.no_grad()
+    def align_factors(self, gradients: dict[str, torch.Tensor]) -> None:
+        """Replace each fixed factor by aligned_factor of its base weight's gradient (module name -> gradient);
+        with the update still zero, so the model stays the base model."""
+        for name, factor in self.fixed_factors().items():
+            axis = self.family.neuron_axis(self._parts[name])
+            factor.copy_(aligned_factor(gradients[name], factor.shape[1 + axis], axis))
 
     @staticmethod
     def key(module: str, kind: str) -> str:

@@ -242,3 +242,38 @@ def test_an_attention_update_gets_no_gradient_from_base_rows(family_model, token
 
     assert all(g is None or torch.all(g == 0) for g in gradients(torch.zeros(4, dtype=torch.long)))
     assert all(g.abs().sum() > 0 for g in gradients(torch.full((4,), partition.pair_id("en", "de"))))
+
+
+def test_gradient_factors_keep_the_base_and_catch_more_of_the_gradient(family_model, tokenizer):
+    """method.update_factor "gradient" (landermt.routing.aligned_factor): after aligning, every pair is still the
+    base model bit for bit, and the trained numbers' first gradient is larger than with the noise factors of the
+    same norm: the factors span the directions in which the loss wants each weight to move."""
+    batch = inputs(tokenizer)
+    base = logits(family_model, batch)
+    partition = random_partition(family_model)
+    modules = patched(family_model, partition, 2)
+    ids = torch.full((4,), partition.pair_id("en", "de"))
+
+    def gradients(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.enable_grad(), route(ids):
+            loss = family_model(**batch, labels=batch["input_ids"]).loss
+            return list(torch.autograd.grad(loss, tensors))
+
+    trained = [m.update[m.key(name, "weight")] for m in modules for name in m.fixed_factors()]
+    for p in trained:
+        p.requires_grad_(True)
+    before = gradients(trained)
+    weights = [(m, name, getattr(m, name).weight) for m in modules for name in m.fixed_factors()]
+    for _, _, w in weights:
+        w.requires_grad_(True)
+    for module in modules:
+        module.align_factors({name: g for (m, name, _), g in zip(weights, gradients([w for _, _, w in weights]))
+                              if m is module})
+    for _, _, w in weights:
+        w.requires_grad_(False)
+    for pair in all_ids(partition):
+        assert torch.equal(logits(family_model, batch, torch.full((4,), pair)), base), pair
+    after = gradients(trained)
+    assert len(trained) == (3 if family_of(family_model).gate else 2) * len(modules)
+    for (m, name, _), old, new in zip(weights, before, after, strict=True):
+        assert new.norm() > 1.5 * old.norm(), (name, float(old.norm()), float(new.norm()))

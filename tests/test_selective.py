@@ -119,19 +119,26 @@ def test_batch_order_and_schedule_are_functions_of_seed_and_step():
     assert lr_at(55, config) == pytest.approx(0.5) and lr_at(99, config) == pytest.approx(1 / 90)
 
 
-def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path):
-    def make(output):
+@pytest.mark.parametrize("method", [{}, {"update_rank": 2, "update_factor": "gradient"}],
+                         ids=["dense", "gradient-factors"])
+def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path, method):
+    """Killed after step 5, resumed from the step-4 checkpoint: the same weights as a straight run. With gradient
+    factors the resumed run does not align again: its factors (noise until aligned) come from the checkpoint."""
+    def make(output, fresh=True):
         model = tiny_model("gemma", len(tokenizer))
         partition = partition_for(model)
-        prepared = prepare(model, MethodConfig(name="landermt"), partition)
+        prepared = prepare(model, MethodConfig(name="landermt", **method), partition)
         from landermt.prompts import DEFAULT_TEMPLATE
 
         examples = [((s, t), translation_example(tokenizer, DEFAULT_TEMPLATE, s, t, a, b, 64))
                     for lang in ("de", "fr", "zh") for s, t in (("en", lang), (lang, "en"))
                     for a, b in PARALLEL[lang][:3]]
         config = TrainConfig(lr=1e-3, steps=6, batch_size=4, eval_every=2, checkpoint_every=2)
-        return Trainer(prepared, examples, examples[:4], lambda st: partition.pair_id(*st),
-                       tokenizer.pad_token_id, config, output), model
+        trainer = Trainer(prepared, examples, examples[:4], lambda st: partition.pair_id(*st),
+                          tokenizer.pad_token_id, config, output)
+        if fresh and prepared.fixed:
+            trainer.align_factors(2)
+        return trainer, model
 
     straight, _ = make(tmp_path / "a")
     want = straight.train(lambda entry: None)
@@ -146,7 +153,7 @@ def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path
 
     with pytest.raises(Killed):
         first.train(kill_at_step_5)
-    resumed, _ = make(tmp_path / "b")
+    resumed, _ = make(tmp_path / "b", fresh=False)
     assert resumed.load_checkpoint() and resumed.step == 4
     got = resumed.train(lambda entry: None)
     assert want.keys() == got.keys()

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from landermt.loss import target_loss
 from landermt.prompts import IGNORE, Example, collate
-from landermt.routing import route
+from landermt.routing import DeltaFFN, route
 from training.config import TrainConfig
 from training.methods import Prepared
 from training.optim import NeuronAdamW
@@ -174,6 +174,8 @@ class Trainer:
         tmp.mkdir(parents=True)
         save_file({n: p.detach().contiguous() for n, p in self.params.items()}, tmp / "trainable.safetensors")
         save_file({n: t.contiguous() for n, t in self.best.items()}, tmp / "best.safetensors")
+        if self.prepared.fixed:
+            save_file({n: t.contiguous() for n, t in self.prepared.fixed.items()}, tmp / "fixed.safetensors")
         optim = {}
         for name, p, _ in self.prepared.trainable:
             for key, value in self.optimizer.state.get(p, {}).items():
@@ -198,6 +200,12 @@ class Trainer:
             for n, p in self.params.items():
                 p.copy_(trainable[n])
         self.best = load_file(folder / "best.safetensors")
+        fixed = load_file(folder / "fixed.safetensors") if self.prepared.fixed else {}
+        if set(fixed) != set(self.prepared.fixed):
+            raise ValueError(f"{folder}: checkpoint fixed factors do not match this run's method and layers")
+        with torch.no_grad():
+            for n, t in self.prepared.fixed.items():
+                t.copy_(fixed[n])
         optim = load_file(folder / "optimizer.safetensors")
         torch.set_rng_state(optim.pop("__rng__"))
         for name, p, _ in self.prepared.trainable:
@@ -206,6 +214,28 @@ class Trainer:
                 self.optimizer.state[p] = entries
         self.step, self.best_loss, self.best_step = state["step"], state["best_loss"], state["best_step"]
         return True
+
+    def align_factors(self, batches: int) -> None:
+        """method.update_factor "gradient": each DeltaFFN's fixed factors from its base weights' loss gradient summed
+        over the first `batches` batches of the data order (landermt.routing.aligned_factor); before step 1."""
+        modules = [m for m in self.model.modules() if isinstance(m, DeltaFFN) and m.fixed_factors()]
+        weights = [(m, name, getattr(m, name).weight) for m in modules for name in m.fixed_factors()]
+        sums = [torch.zeros_like(w, dtype=torch.float32) for _, _, w in weights]
+        for _, _, w in weights:
+            w.requires_grad_(True)
+        try:
+            for index in tqdm(range(batches), desc="align factors", unit="batch", disable=self.rank != 0):
+                rows = rows_of_batch(self.lengths, self.config.batch_size, self.config.seed, index,
+                                     self.config.bucket_batches)
+                loss = mean_target_loss(self.model, self.batch([self.examples[r] for r in rows]))
+                for total, grad in zip(sums, torch.autograd.grad(loss, [w for _, _, w in weights]), strict=True):
+                    total += grad
+        finally:
+            for _, _, w in weights:
+                w.requires_grad_(False)
+        for module in modules:
+            module.align_factors({name: total for (m, name, _), total in zip(weights, sums, strict=True)
+                                  if m is module})
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self, log: Callable[[dict], None]) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from landermt.families import family_of
@@ -27,6 +28,9 @@ class Prepared:
     model: nn.Module
     trainable: list[tuple[str, nn.Parameter, int]] = field(default_factory=list)  # (name, param, neuron axis)
     routed: bool = False
+    # tensors that do not train but a resumed run must get back as they were (name -> the tensor itself): the delta
+    # rule's fixed factors, which method.update_factor "gradient" derives from the data
+    fixed: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _ffn_parameters(model: nn.Module, layers: list[int]) -> list[tuple[str, nn.Parameter, int]]:
@@ -89,13 +93,16 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
         return Prepared(wrapped, [(n, p, 0) for n, p in wrapped.named_parameters() if p.requires_grad])
     if partition is None:
         raise ValueError(f"method {name} needs a partition (detect/score/partition stages)")
-    layers = sorted(partition.layers)
+    layers, fixed = sorted(partition.layers), {}
     _freeze_all(model)
     if name == "layers":
         params = _ffn_parameters(model, layers)
     elif method.routing == "delta":
-        params = _update_parameters(model, layers, patch_delta(model, family_of(model), delta_tables(partition),
-                                                               method.update_rank, method.train_factors))
+        modules = patch_delta(model, family_of(model), delta_tables(partition), method.update_rank,
+                              method.train_factors)
+        params = _update_parameters(model, layers, modules)
+        fixed = {f"layers.{i}.update.{name}.factor": factor for i, module in zip(layers, modules, strict=True)
+                 for name, factor in module.fixed_factors().items()}
     else:
         params = _ffn_parameters(model, layers)
         patch(model, family_of(model), partition.scale_tables())
@@ -114,4 +121,4 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
             shape[axis] = -1
             mask = keep.view(shape).to(p.dtype)
             p.register_hook(lambda grad, mask=mask: grad * mask)
-    return Prepared(model, params, routed=METHOD_SPECS[name].routed)
+    return Prepared(model, params, routed=METHOD_SPECS[name].routed, fixed=fixed)

@@ -45,6 +45,7 @@ from training.methods import prepare
 from training.tiny import tiny_gemma, train_tokenizer
 
 STAGES = "stages.json"
+ALIGN_BATCHES = 16  # method.update_factor "gradient": batches whose summed gradient the factors align with
 
 
 def fingerprint(*parts: object) -> str:
@@ -53,7 +54,7 @@ def fingerprint(*parts: object) -> str:
 
 # Settings added after runs were made: left out of a fingerprint while at their default, so those runs keep their
 # caches.
-ADDED_LATER = {"train_directions", "attention_rank", "train_factors"}
+ADDED_LATER = {"train_directions", "attention_rank", "train_factors", "update_factor"}
 
 
 def settings(section: BaseModel) -> dict:
@@ -185,8 +186,11 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
             print(f"finetune: resuming at step {trainer.step}", flush=True)
             if run.rank == 0:
                 _truncate_log(run.output / "train_log.jsonl", trainer.step)
-        elif run.rank == 0 and (run.output / "train_log.jsonl").exists():
-            (run.output / "train_log.jsonl").unlink()
+        else:
+            if run.rank == 0 and (run.output / "train_log.jsonl").exists():
+                (run.output / "train_log.jsonl").unlink()
+            if c.method.update_factor == "gradient":
+                trainer.align_factors(ALIGN_BATCHES)
         print(f"finetune: {len(examples)} examples, {sum(p.numel() for _, p, _ in prepared.trainable):,} "
               f"trainable parameters", flush=True)
         best = trainer.train(run.log)
