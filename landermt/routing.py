@@ -246,17 +246,18 @@ class DeltaFFN(nn.Module):
                 self.update[self.key(name, kind)] = nn.Parameter(torch.zeros_like(value), requires_grad=False)
         self._cache: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None  # _cached
 
-    def fixed_factors(self) -> dict[str, torch.Tensor]:
-        """{module name: its fixed factor buffer} (rank r without train_factors; empty otherwise)."""
-        return {name: getattr(self, f"{name}_factor") for name in self.factored if hasattr(self, f"{name}_factor")}
+    def fixed_factors(self, parts: tuple[str, ...] = ("up", "gate", "down")) -> dict[str, torch.Tensor]:
+        """{module name: its fixed factor buffer} of `parts` (rank r without train_factors; empty otherwise)."""
+        return {name: getattr(self, f"{name}_factor") for name in self.factored
+                if hasattr(self, f"{name}_factor") and self._parts[name] in parts}
 
     @torch.no_grad()
     def align_factors(self, gradients: dict[str, torch.Tensor]) -> None:
-        """Replace each fixed factor by aligned_factor of its base weight's gradient (module name -> gradient);
-        with the update still zero, so the model stays the base model."""
-        for name, factor in self.fixed_factors().items():
-            axis = self.family.neuron_axis(self._parts[name])
-            factor.copy_(aligned_factor(gradients[name], factor.shape[1 + axis], axis))
+        """Replace the fixed factor of each module in `gradients` (module name -> its base weight's gradient) by
+        aligned_factor of that gradient; the update is still zero, so the model stays the base model."""
+        for name, gradient in gradients.items():
+            axis, factor = self.family.neuron_axis(self._parts[name]), getattr(self, f"{name}_factor")
+            factor.copy_(aligned_factor(gradient, factor.shape[1 + axis], axis))
 
     @staticmethod
     def key(module: str, kind: str) -> str:

@@ -97,8 +97,9 @@ class MethodConfig(Strict):
     # specific ones), as LoRA's does (landermt.routing.DeltaFFN); False: one fixed random factor per weight
     train_factors: bool = False
     # with update_rank and fixed factors: "random" (noise), or "gradient": each factor spans the directions of the base
-    # weight's loss gradient on the first batches (landermt.routing.aligned_factor; LoRA-GA's choice)
-    update_factor: Literal["random", "gradient"] = "random"
+    # weight's loss gradient on the first batches (landermt.routing.aligned_factor; LoRA-GA's choice); "gradient-down":
+    # only the down projection's (its output side), up and gate keep noise
+    update_factor: Literal["random", "gradient", "gradient-down"] = "random"
     # rule delta, method landermt: a language-general update of the routed layers' attention projections too
     # (landermt.routing.AttentionUpdate), factored at this rank; None: attention stays the base model's
     attention_rank: int | None = Field(None, ge=1)
@@ -153,9 +154,9 @@ class RunConfig(Strict):
             raise ValueError("method.attention_rank: only for method landermt under routing delta")
         if self.method.train_factors and self.method.update_rank is None:
             raise ValueError("method.train_factors: needs method.update_rank (the factors' rank)")
-        if self.method.update_factor == "gradient" and (self.method.update_rank is None or self.method.train_factors):
-            raise ValueError("method.update_factor: gradient needs method.update_rank and fixed factors "
-                             "(train_factors false)")
+        if self.method.update_factor != "random" and (self.method.update_rank is None or self.method.train_factors):
+            raise ValueError(f"method.update_factor: {self.method.update_factor} needs method.update_rank and fixed "
+                             "factors (train_factors false)")
         if "en" in self.data.languages:
             raise ValueError("data.languages lists the languages paired with English; drop 'en'")
         unknown = set(self.data.train_directions or []) - set(self.data.directions())

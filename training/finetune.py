@@ -215,11 +215,12 @@ class Trainer:
         self.step, self.best_loss, self.best_step = state["step"], state["best_loss"], state["best_step"]
         return True
 
-    def align_factors(self, batches: int) -> None:
-        """method.update_factor "gradient": each DeltaFFN's fixed factors from its base weights' loss gradient summed
-        over the first `batches` batches of the data order (landermt.routing.aligned_factor); before step 1."""
-        modules = [m for m in self.model.modules() if isinstance(m, DeltaFFN) and m.fixed_factors()]
-        weights = [(m, name, getattr(m, name).weight) for m in modules for name in m.fixed_factors()]
+    def align_factors(self, batches: int, parts: tuple[str, ...] = ("up", "gate", "down")) -> None:
+        """method.update_factor "gradient[-down]": the DeltaFFNs' fixed factors of `parts` from their base weights'
+        loss gradient summed over the first `batches` batches of the data order (landermt.routing.aligned_factor);
+        before step 1."""
+        modules = [m for m in self.model.modules() if isinstance(m, DeltaFFN) and m.fixed_factors(parts)]
+        weights = [(m, name, getattr(m, name).weight) for m in modules for name in m.fixed_factors(parts)]
         sums = [torch.zeros_like(w, dtype=torch.float32) for _, _, w in weights]
         for _, _, w in weights:
             w.requires_grad_(True)

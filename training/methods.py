@@ -29,7 +29,7 @@ class Prepared:
     trainable: list[tuple[str, nn.Parameter, int]] = field(default_factory=list)  # (name, param, neuron axis)
     routed: bool = False
     # tensors that do not train but a resumed run must get back as they were (name -> the tensor itself): the delta
-    # rule's fixed factors, which method.update_factor "gradient" derives from the data
+    # rule's fixed factors, which method.update_factor "gradient[-down]" derives from the data
     fixed: dict[str, torch.Tensor] = field(default_factory=dict)
 
 

@@ -45,7 +45,9 @@ from training.methods import prepare
 from training.tiny import tiny_gemma, train_tokenizer
 
 STAGES = "stages.json"
-ALIGN_BATCHES = 16  # method.update_factor "gradient": batches whose summed gradient the factors align with
+# method.update_factor: the FFN parts whose fixed factors come from the gradient, summed over ALIGN_BATCHES batches
+ALIGNED_PARTS = {"random": (), "gradient": ("up", "gate", "down"), "gradient-down": ("down",)}
+ALIGN_BATCHES = 16
 
 
 def fingerprint(*parts: object) -> str:
@@ -189,8 +191,8 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
         else:
             if run.rank == 0 and (run.output / "train_log.jsonl").exists():
                 (run.output / "train_log.jsonl").unlink()
-            if c.method.update_factor == "gradient":
-                trainer.align_factors(ALIGN_BATCHES)
+            if ALIGNED_PARTS[c.method.update_factor]:
+                trainer.align_factors(ALIGN_BATCHES, ALIGNED_PARTS[c.method.update_factor])
         print(f"finetune: {len(examples)} examples, {sum(p.numel() for _, p, _ in prepared.trainable):,} "
               f"trainable parameters", flush=True)
         best = trainer.train(run.log)
