@@ -24,7 +24,7 @@ from report import update_section  # bench/report.py, beside this script
 from landermt.artifact import load_artifact
 from landermt.models import load_model
 from training.data import flores
-from training.evaluate import Sentence, mean_bleu_interval, paired_difference_interval, score, translate_all
+from training.evaluate import Sentence, paired_difference_interval, score, summary, translate_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,13 +61,7 @@ def main() -> None:
         for d in directions:
             hyps = [next(outputs) for _ in lines[d]]
             results[d] = score(hyps, [reference for _, reference in lines[d]], d.split("-")[1]) | {"outputs": hyps}
-        n = len(results)
-        rows[str(beams)] = {
-            "bleu": {d: r["bleu"] for d, r in results.items()},
-            "mean_bleu": round(sum(r["bleu"] for r in results.values()) / n, 2),
-            "mean_bleu_interval": [round(b, 2) for b in mean_bleu_interval(results)],
-            "mean_chrf": round(sum(r["chrf"] for r in results.values()) / n, 2),
-            "off_target": round(sum(r["off_target"] for r in results.values()) / n, 4),
+        rows[str(beams)] = summary(results) | {
             "looping_outputs": sum(loops(h) for r in results.values() for h in r["outputs"]),
             "sentences": len(sentences), "seconds": round(seconds, 1),
             "sentences_per_s": round(len(sentences) / seconds, 3),

@@ -20,7 +20,7 @@ from pathlib import Path
 from report import update_section  # bench/report.py, beside this script
 
 from training.data import evaluation_set
-from training.evaluate import paired_difference_interval, score
+from training.evaluate import paired_difference_interval, score, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [(2, 4), (2, 8), (3, 4), (3, 8)]  # (repeats, min_words)
@@ -56,13 +56,13 @@ def main() -> None:
         references = {d: [ref for _, ref in evaluation_set(None, args.testset, *d.split("-"))][: len(r["outputs"])]
                       for d, r in stored.items()}
         plain = {d: score(r["outputs"], references[d], d.split("-")[1]) for d, r in stored.items()}
-        row = {"unguarded": round(sum(r["bleu"] for r in plain.values()) / len(plain), 2)}
+        row = {"unguarded": summary(plain)["mean_bleu"]}
         for repeats, min_words in SETTINGS:
             cut = {d: [guarded(h, repeats, min_words) for h in r["outputs"]] for d, r in stored.items()}
             scores = {d: score(cut[d], references[d], d.split("-")[1]) for d in stored}
             pairs = [(h, c) for d, r in stored.items() for h, c in zip(r["outputs"], cut[d], strict=True)]
             row[f"repeats {repeats}, min {min_words} words"] = {
-                "mean_bleu": round(sum(r["bleu"] for r in scores.values()) / len(scores), 2),
+                "mean_bleu": summary(scores)["mean_bleu"],
                 "difference_interval": [round(x, 2) for x in paired_difference_interval(scores, plain)],
                 "outputs_cut": sum(h != c for h, c in pairs),
                 "words_cut": sum(len(h.split()) - len(c.split()) for h, c in pairs),

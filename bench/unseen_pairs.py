@@ -36,7 +36,7 @@ from landermt.models import load_model
 from landermt.routing import unpatch
 from server.settings import Settings
 from training.data import evaluation_set
-from training.evaluate import mean_bleu_interval, paired_difference_interval, score
+from training.evaluate import paired_difference_interval, score, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS_PER_REQUEST, CONCURRENT_REQUESTS = 8, 4
@@ -101,13 +101,7 @@ def main() -> None:
 
     rows = {}
     for name, results in modes.items():
-        rows[name] = {
-            "bleu": {d: r["bleu"] for d, r in results.items()},
-            "mean_bleu": round(sum(r["bleu"] for r in results.values()) / len(results), 2),
-            "mean_bleu_interval": [round(x, 2) for x in mean_bleu_interval(results)],
-            "mean_chrf": round(sum(r["chrf"] for r in results.values()) / len(results), 2),
-            "off_target": round(sum(r["off_target"] for r in results.values()) / len(results), 4),
-            "outputs": {d: r["outputs"] for d, r in results.items()}}
+        rows[name] = summary(results) | {"outputs": {d: r["outputs"] for d, r in results.items()}}
         if name != "routed":
             rows[name]["routed_minus_this_interval"] = [
                 round(x, 2) for x in paired_difference_interval(modes["routed"], results)]

@@ -163,15 +163,27 @@ def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16, pair_id
     return math.exp(total / max(tokens, 1))
 
 
+def summary(results: dict[str, dict]) -> dict:
+    """What a table row shows of `results` (direction -> score()): BLEU per direction, and over the directions mean
+    BLEU with its 95% bootstrap interval (None without sentence statistics), mean chrF and the off-target rate."""
+    n, interval = len(results), mean_bleu_interval(results)
+    return {"bleu": {d: r["bleu"] for d, r in results.items()},
+            "mean_bleu": round(sum(r["bleu"] for r in results.values()) / n, 2),
+            "mean_bleu_interval": interval and [round(x, 2) for x in interval],
+            "mean_chrf": round(sum(r["chrf"] for r in results.values()) / n, 2),
+            "off_target": round(sum(r["off_target"] for r in results.values()) / n, 4)}
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     rows = ["| direction | BLEU | chrF | off-target |", "|---|---:|---:|---:|"]
     for direction, r in results.items():
         rows.append(f"| {direction} | {r['bleu']:.2f} | {r['chrf']:.2f} | {100 * r['off_target']:.1f}% |")
     if results:
-        mean = {k: sum(r[k] for r in results.values()) / len(results) for k in ("bleu", "chrf", "off_target")}
-        interval = mean_bleu_interval(results)
+        mean = summary(results)
+        interval = mean["mean_bleu_interval"]
         ci = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
-        rows.append(f"| **mean** | {mean['bleu']:.2f}{ci} | {mean['chrf']:.2f} | {100 * mean['off_target']:.1f}% |")
+        rows.append(f"| **mean** | {mean['mean_bleu']:.2f}{ci} | {mean['mean_chrf']:.2f} "
+                    f"| {100 * mean['off_target']:.1f}% |")
         if interval:
             rows.append("\nMean BLEU with its 95% bootstrap interval (1,000 resamples of each direction's sentences).")
     return "\n".join(rows)
