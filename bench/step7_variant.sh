@@ -59,6 +59,6 @@ python bench/results_table.py "$OUT/lora" "$OUT/delta" "$OUT"/delta-* --testset 
 if [ "${DEVTEST:-0}" = 1 ]; then
   [ -d "$FINAL/$NAME" ] || cp -r "$OUT/$NAME" "$FINAL/$NAME"
   python -m training.run --config "$FINAL/$NAME/config.yaml" --output "$FINAL/$NAME" --resume \
-    --set "eval.testsets=[flores]" --set "eval.limit=${DEVTEST_LIMIT:-100}" --set eval.batch_size=32
+    --set "eval.testsets=[flores]" --set "eval.limit=${DEVTEST_LIMIT:-200}" --set eval.batch_size=32
   python bench/results_table.py "$FINAL/$NAME" --table flores-step7 --against "$FINAL/lora"
 fi

@@ -165,6 +165,18 @@ def test_trained_group_factors_move_and_the_artifact_stores_the_dense_update(tmp
     assert all(v.abs().sum() > 0 for k, v in artifact.update.items() if k.endswith("weight"))
 
 
+def test_gradient_factors_are_aligned_before_step_1(tmp_path, capsys):
+    """method.update_factor gradient-down: the pipeline aligns down's factors before training (the step itself is
+    tests/test_delta.py's and the resume tests/test_selective.py's), and the artifact stores the dense update."""
+    config = smoke_config(tmp_path, method__update_rank=2, method__update_factor="gradient-down", train__steps=4,
+                          eval__limit=2)
+    out = tmp_path / "aligned"
+    run_main(["--config", str(config), "--output", str(out)])
+    assert "factors aligned in" in capsys.readouterr().out
+    artifact = load_artifact(out / "artifact")
+    assert all(v.abs().sum() > 0 for k, v in artifact.update.items() if k.endswith("weight"))
+
+
 def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     """The transfer-matrix setting: only en-de rows train, so under routing only general, en- and
     de-specific neurons move, and every direction is still evaluated."""
@@ -199,6 +211,7 @@ def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     ({"data": {"languages": ["en", "de"]}}, "drop 'en'"),
     ({"method": {"name": "lora", "attention_rank": 4}}, "method.attention_rank: only for method landermt under"),
     ({"method": {"train_factors": True}}, "method.train_factors: needs method.update_rank"),
+    ({"method": {"update_factor": "gradient"}}, "method.update_factor: gradient needs method.update_rank"),
 ])
 def test_config_errors_name_the_key(tmp_path, body, message):
     path = tmp_path / "bad.yaml"

@@ -192,7 +192,10 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
             if run.rank == 0 and (run.output / "train_log.jsonl").exists():
                 (run.output / "train_log.jsonl").unlink()
             if ALIGNED_PARTS[c.method.update_factor]:
+                start = time.monotonic()
                 trainer.align_factors(ALIGN_BATCHES, ALIGNED_PARTS[c.method.update_factor])
+                print(f"finetune: factors aligned in {time.monotonic() - start:.1f} s (part of the training time)",
+                      flush=True)
         print(f"finetune: {len(examples)} examples, {sum(p.numel() for _, p, _ in prepared.trainable):,} "
               f"trainable parameters", flush=True)
         best = trainer.train(run.log)
