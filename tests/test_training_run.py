@@ -167,14 +167,20 @@ def test_trained_group_factors_move_and_the_artifact_stores_the_dense_update(tmp
 
 def test_gradient_factors_are_aligned_before_step_1(tmp_path, capsys):
     """method.update_factor gradient-down: the pipeline aligns down's factors before training (the step itself is
-    tests/test_delta.py's and the resume tests/test_selective.py's), and the artifact stores the dense update."""
+    tests/test_delta.py's and the resume tests/test_selective.py's), the artifact stores the dense update, and a
+    later run that finds the training cached rebuilds that same update (the aligned factors are stored with the
+    trained numbers: noise factors in their place would give another update)."""
     config = smoke_config(tmp_path, method__update_rank=2, method__update_factor="gradient-down", train__steps=4,
                           eval__limit=2)
     out = tmp_path / "aligned"
     run_main(["--config", str(config), "--output", str(out)])
     assert "factors aligned in" in capsys.readouterr().out
-    artifact = load_artifact(out / "artifact")
-    assert all(v.abs().sum() > 0 for k, v in artifact.update.items() if k.endswith("weight"))
+    first = load_artifact(out / "artifact").update
+    assert all(v.abs().sum() > 0 for k, v in first.items() if k.endswith("weight"))
+    run_main(["--config", str(config), "--output", str(out)])
+    assert "finetune: cached" in capsys.readouterr().out
+    again = load_artifact(out / "artifact").update
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):

@@ -165,6 +165,9 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
     if run.cached("finetune", key, "trained.safetensors"):
         print("finetune: cached", flush=True)
         best = load_file(trained_path)
+        if ALIGNED_PARTS[c.method.update_factor] and not set(prepared.fixed) <= set(best):
+            raise SystemExit(f"{trained_path} lacks the aligned factors its numbers were trained with (written "
+                             "before they were stored): train again into another --output")
     else:
         pairs = train_data.training_pairs(c.data.root, c.data.languages, min_chars=c.data.min_chars,
                                           max_chars=c.data.max_chars, max_ratio=c.data.max_length_ratio,
@@ -200,11 +203,12 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
               f"trainable parameters", flush=True)
         best = trainer.train(run.log)
         if run.rank == 0:
-            save_file({k: v.contiguous() for k, v in best.items()}, trained_path)
+            # the fixed factors too: a gradient-aligned factor is part of what the trained numbers mean
+            save_file({k: v.contiguous() for k, v in (best | prepared.fixed).items()}, trained_path)
             shutil.rmtree(run.output / CHECKPOINT)
         run.done("finetune", key)
     with torch.no_grad():
-        params = {name: p for name, p, _ in prepared.trainable}
+        params = {name: p for name, p, _ in prepared.trainable} | prepared.fixed
         for name, value in best.items():
             params[name].copy_(value)
     if c.method.name == "lora":  # merged as one would deploy it; PEFT's unmerged generation is ~10x slower here
