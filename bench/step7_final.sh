@@ -21,14 +21,20 @@ STEPS=${STEPS:-600}
 LIMIT=${LIMIT:-200}
 BASELINES=${BASELINES:-1}
 LORA_LR=${LORA_LR:-1e-3}
+ALIGN_STEPS=${ALIGN_STEPS:-18}
 LORA_STEPS=$(( STEPS * 384 / 481 ))
 OUT=${OUT:-runs/step7-final}
 common=(--config configs/quick-tuned.yaml --resume --set "eval.limit=$LIMIT" --set eval.batch_size=32 --set train.eval_every=100)
 
-python -m training.run "${common[@]}" --output "$OUT/delta" --set "train.steps=$STEPS"
+# the delta row as first run (noise factors, lr 1e-4), and the preset since (gradient-aligned factors, lr 3e-5): its
+# alignment (16 batches' gradient, 40-57 s here) counts as ALIGN_STEPS of its training time
+python -m training.run "${common[@]}" --output "$OUT/delta" --set "train.steps=$STEPS" \
+  --set method.update_factor=random --set train.lr=1e-4
+python -m training.run "${common[@]}" --output "$OUT/delta-gradient-factors" \
+  --set "train.steps=$(( STEPS - ALIGN_STEPS ))"
 python -m training.run "${common[@]}" --output "$OUT/lora" --method lora --set "train.steps=$LORA_STEPS" \
   --set "train.lr=$LORA_LR"
-rows=("$OUT/lora" "$OUT/delta")
+rows=("$OUT/lora" "$OUT/delta" "$OUT/delta-gradient-factors")
 if [ "$BASELINES" = 1 ]; then
   for method in zero_shot few_shot; do
     python -m training.run "${common[@]}" --output "$OUT/$method" --method "$method"
