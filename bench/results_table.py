@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 PAPER_EPSILON = 0.9
-# the delta rule's dev-chosen learning rate (configs/quick-tuned.yaml): a delta row names its lr when it differs
-PRESET_LR = 1.0e-4  # the first delta preset's lr (noise factors): a row trained at another lr names its own
+# the first delta preset's learning rate (noise factors): a delta row trained at another lr names its own
+PRESET_LR = 1.0e-4
 
 
 def row_name(method: str, config: dict, run: Path) -> str:
@@ -48,9 +48,10 @@ def row_name(method: str, config: dict, run: Path) -> str:
     epsilon = "" if partition["epsilon"] == PAPER_EPSILON else f", ε {partition['epsilon']}"
     if partition.get("routing", "mask") == "delta":  # the delta rule scales nothing: CAR does not apply
         rank, lr = config["method"].get("attention_rank"), float(config["train"]["lr"])
+        factor = config["method"].get("update_factor", "random")
         extra = (f", attention r{rank}" if rank else "") + (", trained factors" if config["method"].get(
-            "train_factors") else "") + (", gradient factors" if config["method"].get(
-            "update_factor") == "gradient" else "") + (f", lr {lr:g}" if lr != PRESET_LR else "")
+            "train_factors") else "") + (f", {factor} factors" if factor != "random" else "") + (
+            f", lr {lr:g}" if lr != PRESET_LR else "")
         return f"{method} delta (layers {span}{epsilon}{extra})"
     return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
 

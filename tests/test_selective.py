@@ -8,7 +8,7 @@ import torch
 from landermt.partition import build_partition
 from landermt.prompts import translation_example
 from tests.conftest import PARALLEL, tiny_model
-from training.config import MethodConfig, TrainConfig
+from training.config import ALIGNED_PARTS, MethodConfig, TrainConfig
 from training.finetune import Batch, Trainer, lr_at, mean_target_loss, rows_of_batch
 from training.methods import prepare
 from training.optim import NeuronAdamW
@@ -137,7 +137,7 @@ def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path
         trainer = Trainer(prepared, examples, examples[:4], lambda st: partition.pair_id(*st),
                           tokenizer.pad_token_id, config, output)
         if fresh and prepared.fixed:
-            trainer.align_factors(2)
+            trainer.align_factors(2, ALIGNED_PARTS[method["update_factor"]])
         return trainer, model
 
     straight, _ = make(tmp_path / "a")

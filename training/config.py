@@ -83,6 +83,12 @@ class DataConfig(Strict):
         return self.train_directions or self.directions()
 
 
+# method.update_factor -> the FFN parts whose fixed factors come from the loss gradient (training.finetune.Trainer.
+# align_factors, over ALIGN_BATCHES batches of the data order)
+ALIGNED_PARTS = {"random": (), "gradient": ("up", "gate", "down"), "gradient-down": ("down",)}
+ALIGN_BATCHES = 16
+
+
 class MethodConfig(Strict):
     name: Method = "landermt"
     k: int = Field(4, ge=1)
@@ -99,7 +105,7 @@ class MethodConfig(Strict):
     # with update_rank and fixed factors: "random" (noise), or "gradient": each factor spans the directions of the base
     # weight's loss gradient on the first batches (landermt.routing.aligned_factor; LoRA-GA's choice); "gradient-down":
     # only the down projection's (its output side), up and gate keep noise
-    update_factor: Literal["random", "gradient", "gradient-down"] = "random"
+    update_factor: Literal["random", "gradient", "gradient-down"] = "random"  # parts aligned: ALIGNED_PARTS
     # rule delta, method landermt: a language-general update of the routed layers' attention projections too
     # (landermt.routing.AttentionUpdate), factored at this rank; None: attention stays the base model's
     attention_rank: int | None = Field(None, ge=1)

@@ -215,7 +215,7 @@ class Trainer:
         self.step, self.best_loss, self.best_step = state["step"], state["best_loss"], state["best_step"]
         return True
 
-    def align_factors(self, batches: int, parts: tuple[str, ...] = ("up", "gate", "down")) -> None:
+    def align_factors(self, batches: int, parts: tuple[str, ...]) -> None:
         """method.update_factor "gradient[-down]": the DeltaFFNs' fixed factors of `parts` from their base weights'
         loss gradient summed over the first `batches` batches of the data order (landermt.routing.aligned_factor);
         before step 1."""

@@ -38,16 +38,23 @@ from landermt.models import load_model, resolve_dtype, weights_sha256
 from landermt.prompts import DEFAULT_TEMPLATE, translation_example
 from landermt.routing import attention_updates
 from training import data as train_data
-from training.config import FINETUNED, METHOD_SPECS, METHODS, NEURON_METHODS, ConfigError, RunConfig, load_config
+from training.config import (
+    ALIGN_BATCHES,
+    ALIGNED_PARTS,
+    FINETUNED,
+    METHOD_SPECS,
+    METHODS,
+    NEURON_METHODS,
+    ConfigError,
+    RunConfig,
+    load_config,
+)
 from training.evaluate import evaluate_directions, markdown_table, perplexity
 from training.finetune import CHECKPOINT, Trainer, world
 from training.methods import prepare
 from training.tiny import tiny_gemma, train_tokenizer
 
 STAGES = "stages.json"
-# method.update_factor: the FFN parts whose fixed factors come from the gradient, summed over ALIGN_BATCHES batches
-ALIGNED_PARTS = {"random": (), "gradient": ("up", "gate", "down"), "gradient-down": ("down",)}
-ALIGN_BATCHES = 16
 
 
 def fingerprint(*parts: object) -> str:
