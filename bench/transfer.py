@@ -1,12 +1,13 @@
 """The transfer matrix of the paper's Fig. 3: finetune on one direction, measure the gain on all.
 
-    python bench/transfer.py [--config configs/quick-tuned.yaml] [--directions en-de,en-zh]
+    python bench/transfer.py [--config configs/quick-tuned.yaml] [--name NAME] [--directions en-de,en-zh]
                              [--steps 100] [--limit 20]
 
 For each training direction d: `python -m training.run` on the config with
 `data.train_directions: [d]` (detection, scoring and the partition still cover every language, so
 the routing is the one served), `--steps` optimizer steps and `--limit` FLORES devtest sentences per
-direction, into runs/transfer-NAME/d. The baseline is the same config's zero-shot run. Cell (d, e)
+direction, into runs/transfer-NAME/d (NAME: `--name`, default the config's name). The baseline is
+the same config's zero-shot run. Cell (d, e)
 is BLEU on e after finetuning on d minus zero-shot BLEU on e. Runs resume and cache like any
 training run; the partition is computed once (or taken from `--partition-from`, a finished run of
 the same config) and copied to the others. Rows of an earlier results file are kept when it was made
@@ -67,6 +68,9 @@ def share_partition(source: Path, target: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quick-tuned.yaml")
+    parser.add_argument("--name", default=None,
+                        help="names the runs, results and section (default: the config's name); give a new one when "
+                             "the config file changed, to keep the earlier matrix")
     parser.add_argument("--directions", default=None, help="training directions, comma-separated (default: all)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per training direction")
     parser.add_argument("--limit", type=int, default=20, help="FLORES devtest sentences per evaluated direction")
@@ -79,7 +83,8 @@ def main() -> None:
     if unknown := sorted(set(trained) - set(everything)):
         parser.error(f"--directions: {', '.join(unknown)} not among {', '.join(everything)}")
     config = base.model_dump()
-    config["name"] = f"transfer-{base.name}"
+    name = args.name or base.name
+    config["name"] = f"transfer-{name}"
     config["train"]["steps"] = args.steps
     config["train"]["eval_every"] = min(config["train"]["eval_every"], args.steps)
     config["eval"]["limit"] = args.limit
@@ -95,8 +100,8 @@ def main() -> None:
         gains[d] = {e: round(scores[e]["bleu"] - zero_shot[e]["bleu"], 2) for e in everything}
 
     result = {"config": args.config, "method": base.method.name, "steps": args.steps, "limit": args.limit,
+              "settings": {"method": config["method"], "lr": config["train"]["lr"]},
               "zero_shot_bleu": {e: zero_shot[e]["bleu"] for e in everything}, "gain": gains}
-    name = base.name
     path = ROOT / "bench" / "results" / f"transfer_{name}.json"
     earlier = kept_rows(path, result)
     result["gain"] = {d: (gains | earlier)[d] for d in everything if d in gains | earlier}
@@ -112,7 +117,7 @@ def kept_rows(path: Path, result: dict) -> dict[str, dict[str, float]]:
     if not path.exists():
         return {}
     earlier = json.loads(path.read_text())
-    same = ("config", "method", "steps", "limit", "zero_shot_bleu")
+    same = ("config", "method", "settings", "steps", "limit", "zero_shot_bleu")
     if any(earlier.get(key) != result[key] for key in same):
         print(f"{path}: made with other settings or another zero-shot baseline; its rows are dropped", file=sys.stderr)
         return {}
@@ -147,8 +152,10 @@ def write_markdown(r: dict, name: str, figure: Path) -> None:
     table += [f"| {d} | " + " | ".join(f"{g[c]:+.1f}" for c in columns) + " |" for d, g in r["gain"].items()]
     section = "\n".join([
         f"## Transfer ({name})", "",
-        f"`python bench/transfer.py --config {r['config']}{subset} --steps {r['steps']} --limit {r['limit']}` "
-        f"(`bench/results/transfer_{name}.json`): {r['method']} finetuned on one direction for {r['steps']} steps, "
+        f"`python bench/transfer.py --config {r['config']} --name {name}{subset} --steps {r['steps']} "
+        f"--limit {r['limit']}` (`bench/results/transfer_{name}.json`): {r['method']} (rule "
+        f"{r['settings']['method']['routing']}, lr {r['settings']['lr']:g}) finetuned on one direction for "
+        f"{r['steps']} steps, "
         f"BLEU gain over zero-shot on each direction (first {r['limit']} FLORES devtest sentences), as in the "
         "paper's Fig. 3.", "", *table, "", f"![transfer]({figure.relative_to(ROOT / 'docs')})", ""])
     update_section(ROOT / "docs" / "RESULTS.md", f"## Transfer ({name})", section, "Results")
