@@ -10,6 +10,11 @@ translation ends.
 
 Threads: the worker thread sees token ids and the model, nothing else (a fast tokenizer's padding
 settings are state shared by its callers, see landermt.decode); rows are reported on the event loop.
+`load` runs on the worker thread too, so that it is the only thread that ever runs torch: each thread that
+runs an OpenMP region keeps its own team of OpenMP threads, and with two teams there are more OpenMP threads
+than cores, so libgomp stops spin-waiting between regions and every op pays for waking its threads (a decode
+step at batch 1 measured 59 ms with every torch op on one thread, 87-93 ms after the model was loaded on
+another; docs/BENCHMARKS.md, "Serving: reading the numbers").
 
 Failures: if a step fails, its rows are run again one at a time, each in a batch of its own; a row that
 fails alone is reported with its error, every other row as if nothing had happened (greedy outputs do
@@ -36,14 +41,14 @@ log = logging.getLogger("landermt.engine")
 
 class TorchBackend:
     def __init__(self, model, pad_token_id: int, stop_ids: list[int], routed: bool, settings: Settings,
-                 metrics: Metrics):
+                 metrics: Metrics, worker: ThreadPoolExecutor | None = None):
         self.model, self.pad, self.stop_ids, self.routed = model, pad_token_id, stop_ids, routed
         self.slots, self.max_wait = settings.max_batch_size, settings.max_wait_ms / 1000
         self.metrics = metrics
         self.prefixes = PrefixCache() if settings.prefix_reuse else None  # outlives a batch replaced after a failure
         self.prefill_tokens = settings.prefill_tokens or None
         self.awaiting: list[Request] = []  # in the running batch, no first token yet (time-to-first-token)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")
+        self.worker = worker or _worker()
         self.pending: list[Row] = []  # submitted, not yet in the running batch (in the order submitted)
         self.running = self._new_batch()
         self.done: Done | None = None
@@ -52,13 +57,19 @@ class TorchBackend:
 
     @classmethod
     def load(cls, settings: Settings, artifact: Artifact | None, metrics: Metrics) -> tuple[TorchBackend, object]:
-        """The backend and the model's tokenizer."""
-        model, tokenizer = load_model(settings.model, artifact.dtype if artifact else resolve_dtype(settings.dtype))
-        if artifact is not None:
-            artifact.apply(model)
+        """The backend and the model's tokenizer; the model is loaded (and patched) on the worker thread."""
+
+        def load() -> tuple[object, object]:
+            model, tokenizer = load_model(settings.model, artifact.dtype if artifact else resolve_dtype(settings.dtype))
+            if artifact is not None:
+                artifact.apply(model)
+            return model, tokenizer
+
+        worker = _worker()
+        model, tokenizer = worker.submit(load).result()
         # stop_token_ids scans the vocabulary once, here rather than in a request
         backend = cls(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), artifact is not None, settings,
-                      metrics)
+                      metrics, worker)
         return backend, tokenizer
 
     def _new_batch(self) -> RunningBatch:
@@ -154,3 +165,7 @@ class TorchBackend:
             except Exception as error:
                 outcomes.append((row, error))
         return outcomes
+
+
+def _worker() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="landermt-generate")

@@ -124,3 +124,30 @@ def test_metrics_count_traffic(server):
     # the first token of a text comes after it arrived and before its response
     assert 0 < delta("landermt_time_to_first_token_seconds_sum") <= delta("landermt_request_seconds_sum")
     assert TEXTS["fr"] not in after  # no request text in metrics
+
+
+def test_torch_backend_runs_torch_on_its_worker_thread_only(smoke_run, monkeypatch):
+    """The model is loaded (and patched) on the worker thread that runs every step: a second thread running torch
+    gets an OpenMP team of its own, and with more OpenMP threads than cores libgomp stops spin-waiting
+    (server/torch_backend.py)."""
+    import threading
+
+    import server.torch_backend as torch_backend
+    from landermt.artifact import load_artifact
+    from server.metrics import Metrics
+    from server.settings import Settings
+
+    loaded_on, load_model = [], torch_backend.load_model
+
+    def recording_load_model(*args, **kwargs):
+        loaded_on.append(threading.current_thread().name)
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "load_model", recording_load_model)
+    settings = Settings(artifact=str(smoke_run / "artifact"), model=str(smoke_run / "base_model"))
+    backend, _ = torch_backend.TorchBackend.load(settings, load_artifact(smoke_run / "artifact"), Metrics())
+    try:
+        worker = backend.worker.submit(lambda: threading.current_thread().name).result()
+        assert loaded_on == [worker] and worker != threading.current_thread().name
+    finally:
+        backend.worker.shutdown()
