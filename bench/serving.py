@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -161,6 +162,14 @@ def serve_and_load(engine: Engine, items: list[tuple[str, str, str]], sentences:
     return out
 
 
+def on_own_thread(fn: Callable, *args):
+    """fn(*args) on a thread of its own that ends with it. This process's main thread runs no torch: each thread
+    that runs torch keeps an OpenMP team, and with a second team alive beside the engine's worker libgomp stops
+    spin-waiting and every engine step gets slower (server/torch_backend.py); a thread that has ended has none."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(fn, *args).result()
+
+
 def naive(model, tokenizer, template: str, items: list[tuple[str, str, str]], pair_ids: list[int] | None) -> dict:
     """One sentence at a time through plain transformers `generate`, no server, no batching; `pair_ids`: each
     item's pair, routed as the server routes it (the model patched), None: the model as it is (unpatched)."""
@@ -211,12 +220,16 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=64, help="sentences per load level (concurrency 1: 1/4)")
     args = parser.parse_args()
 
-    artifact = load_artifact(args.artifact)
-    model, tokenizer = load_model(args.model, artifact.dtype)
+    def load() -> tuple:
+        artifact = load_artifact(args.artifact)
+        model, tokenizer = load_model(args.model, artifact.dtype)
+        greedy(model, tokenizer, ["warm-up"], None, 2)
+        rss = peak_rss_mib()
+        artifact.apply(model)
+        return artifact, model, tokenizer, rss
+
+    artifact, model, tokenizer, rss_base = on_own_thread(load)
     family = family_of(model)
-    greedy(model, tokenizer, ["warm-up"], None, 2)
-    rss_base = peak_rss_mib()
-    artifact.apply(model)
     template, directions = artifact.manifest.prompt_template, artifact.manifest.directions
     items = workload(directions, args.sentences)
     pair_ids = [artifact.partition.pair_id(s, t) for s, t, _ in items[:BATCH]]
@@ -224,14 +237,14 @@ def main() -> None:
 
     print("forward checks", flush=True)
     prompts = [render_prompt(template, s, t, text) for s, t, text in items[:BATCH]]
-    forward = forward_checks(model, tokenizer, artifact, prompts, pair_ids)
+    forward = on_own_thread(forward_checks, model, tokenizer, artifact, prompts, pair_ids)
     # The naive baselines translate the same sentences with the same model as the server they are compared with
     # (the routed model's outputs are longer than the base model's, so a routed server against a base-model
     # baseline would compare output lengths as much as engines).
     naive_items = items[: max(8, args.sentences // 4)]
     print("naive baseline, routed", flush=True)
-    baseline_routed = naive(model, tokenizer, template, naive_items,
-                            [artifact.partition.pair_id(s, t) for s, t, _ in naive_items])
+    baseline_routed = on_own_thread(naive, model, tokenizer, template, naive_items,
+                                    [artifact.partition.pair_id(s, t) for s, t, _ in naive_items])
     print("load: routed", flush=True)
     routed = serve_and_load(torch_engine(model, tokenizer, artifact, settings), items, args.sentences)
     rss_served = peak_rss_mib()
@@ -239,14 +252,14 @@ def main() -> None:
     without = dataclasses.replace(settings, prefix_reuse=False)
     no_reuse = serve_and_load(torch_engine(model, tokenizer, artifact, without), items, args.sentences, levels=(1,))
 
-    unpatch(model, family)  # the same weights, plain FFN: what routing costs
+    on_own_thread(unpatch, model, family)  # the same weights, plain FFN: what routing costs
     print("load: routing off", flush=True)
     plain = serve_and_load(torch_engine(model, tokenizer, artifact, settings), items, args.sentences)
     print("load: base-model mode, with and without prefix reuse (concurrency 1)", flush=True)
     base_mode = {name: serve_and_load(torch_engine(model, tokenizer, None, s), items, args.sentences, levels=(1,))[0]
                  for name, s in (("base model", settings), ("base model, no prefix reuse", without))}
     print("naive baseline, base model", flush=True)
-    baseline = naive(model, tokenizer, template, naive_items, None)
+    baseline = on_own_thread(naive, model, tokenizer, template, naive_items, None)
 
     forward_tokens = {k: round(BATCH * FIXED_NEW_TOKENS / v, 2) for k, v in forward.items()}
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20

@@ -66,7 +66,11 @@ class TorchBackend:
             return model, tokenizer
 
         worker = _worker()
-        model, tokenizer = worker.submit(load).result()
+        try:
+            model, tokenizer = worker.submit(load).result()
+        except BaseException:  # e.g. an artifact for another base model: no thread left behind
+            worker.shutdown()
+            raise
         # stop_token_ids scans the vocabulary once, here rather than in a request
         backend = cls(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), artifact is not None, settings,
                       metrics, worker)
