@@ -265,7 +265,7 @@ def main() -> None:
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     artifact_mib = sum(f.stat().st_size for f in Path(args.artifact).glob("*.safetensors")) / 2**20
     pairs = len(artifact.manifest.languages) * (len(artifact.manifest.languages) - 1) // 2
-    at32 = {r["concurrency"]: r for r in routed}[32]
+    routed_at, plain_at = ({r["concurrency"]: r for r in levels} for levels in (routed, plain))  # by concurrency
     result = {
         "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": str(artifact.dtype),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -276,18 +276,17 @@ def main() -> None:
         "checks": {
             "routing cost (forward, mixed vs unpatched)": round(1 - forward_tokens["routed mixed pairs"]
                                                                 / forward_tokens["unpatched"], 4),
-            "routing cost (served, c=32)": round(1 - at32["tokens_per_s"]
-                                                 / {r["concurrency"]: r for r in plain}[32]["tokens_per_s"], 4),
+            "routing cost (served, c=32)": round(1 - routed_at[32]["tokens_per_s"] / plain_at[32]["tokens_per_s"], 4),
             "mixed vs single pair (forward)": round(1 - forward_tokens["routed mixed pairs"]
                                                     / forward_tokens["routed single pair"], 4),
-            "speed-up over naive (sentences/s, c=32)": round(at32["sentences_per_s"]
+            "speed-up over naive (sentences/s, c=32)": round(routed_at[32]["sentences_per_s"]
                                                              / baseline_routed["sentences_per_s"], 2),
             "speed-up over naive, routing off (sentences/s, c=32)": round(
-                {r["concurrency"]: r for r in plain}[32]["sentences_per_s"] / baseline["sentences_per_s"], 2),
-            "served / bare forward tokens/s (c=32)": round(at32["tokens_per_s"] / forward_tokens["routed mixed pairs"],
-                                                           3),
+                plain_at[32]["sentences_per_s"] / baseline["sentences_per_s"], 2),
+            "served / bare forward tokens/s (c=32)": round(
+                routed_at[32]["tokens_per_s"] / forward_tokens["routed mixed pairs"], 3),
             "time to first token, prefix reuse / none (c=1)": round(
-                {r["concurrency"]: r for r in routed}[1]["first_token_mean_s"] / no_reuse[0]["first_token_mean_s"], 3),
+                routed_at[1]["first_token_mean_s"] / no_reuse[0]["first_token_mean_s"], 3),
             "time to first token, prefix reuse / none (c=1, base model)": round(
                 base_mode["base model"]["first_token_mean_s"]
                 / base_mode["base model, no prefix reuse"]["first_token_mean_s"], 3),

@@ -7,8 +7,8 @@ For each training direction d: `python -m training.run` on the config with
 `data.train_directions: [d]` (detection, scoring and the partition still cover every language, so
 the routing is the one served), `--steps` optimizer steps and `--limit` FLORES devtest sentences per
 direction, into runs/transfer-NAME/d (NAME: `--name`, default the config's name). The baseline is
-the same config's zero-shot run. Cell (d, e)
-is BLEU on e after finetuning on d minus zero-shot BLEU on e. Runs resume and cache like any
+the same config's zero-shot run. Cell (d, e) is BLEU on e after finetuning on d minus zero-shot
+BLEU on e. Runs resume and cache like any
 training run; the partition is computed once (or taken from `--partition-from`, a finished run of
 the same config) and copied to the others. Rows of an earlier results file are kept when it was made
 with the same config, method, steps and limit and its zero-shot BLEU equals this run's, so the matrix
