@@ -38,7 +38,15 @@ import httpx
 import torch
 import vllm
 from report import update_section  # bench/report.py, beside this script
-from serving import BATCH, CONCURRENCY, _free_port, load_table, serve_and_load, workload  # bench/serving.py
+from serving import (  # bench/serving.py, beside this script
+    BATCH,
+    CONCURRENCY,
+    _free_port,
+    load_table,
+    on_own_thread,
+    serve_and_load,
+    workload,
+)
 
 from landermt.artifact import load_artifact, save_artifact
 from landermt.models import load_model, weights_sha256
@@ -75,7 +83,7 @@ def main() -> None:
     snapshot = Path(tempfile.mkdtemp(prefix="landermt-bench-artifact-")) / "artifact"
     shutil.copytree(source, snapshot)
     if args.dtype:
-        cast_artifact(snapshot, getattr(torch, args.dtype))
+        on_own_thread(cast_artifact, snapshot, getattr(torch, args.dtype))
     artifact = load_artifact(snapshot)
     items = workload(artifact.manifest.directions, max(args.sentences, args.compare))
     compared = items[: args.compare]
@@ -110,8 +118,8 @@ def main() -> None:
 
 
 def cast_artifact(folder: Path, dtype: torch.dtype) -> None:
-    """Rewrite the artifact in `folder` for the default model loaded in `dtype`. From bfloat16 to
-    float32 this is exact (the same weights, wider), so outputs may differ only by rounding."""
+    """Rewrite the artifact in `folder` (either rule's weights) for the default model loaded in `dtype`. From
+    bfloat16 to float32 this is exact (the same weights, wider), so outputs may differ only by rounding."""
     artifact = load_artifact(folder)
     if artifact.dtype == dtype:
         return
@@ -119,8 +127,10 @@ def cast_artifact(folder: Path, dtype: torch.dtype) -> None:
     manifest = dataclasses.replace(
         artifact.manifest, base_model=dataclasses.replace(artifact.manifest.base_model, sha256=weights_sha256(model)),
         created=artifact.manifest.created | {"dtype": str(dtype)})
-    ffn = {name: weight.to(dtype) for name, weight in artifact.ffn.items()} if artifact.ffn else None
-    save_artifact(folder, manifest, artifact.partition, ffn)
+    def cast(weights: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        return {name: weight.to(dtype) for name, weight in weights.items()} if weights else None
+
+    save_artifact(folder, manifest, artifact.partition, ffn=cast(artifact.ffn), update=cast(artifact.update))
 
 
 def translate(base: str, items: list[tuple[str, str, str]]) -> list[str]:
