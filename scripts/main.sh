@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv, convert the default model (first run only) and start the translation server on
 # http://127.0.0.1:8000 with a trained quick-preset artifact. With no artifact cached, it trains one
-# first (configs/quick-tuned.yaml; under 10 minutes on this project's 2-core CPU, progress shown; interrupted
+# first (configs/quick-tuned.yaml; about 12 minutes on this project's 2-core CPU, progress shown; interrupted
 # training resumes on the next start). LANDERMT_ARTIFACT=DIR serves another artifact;
 # LANDERMT_ARTIFACT=none the plain base model with few-shot prompts. Flags pass through to the server.
 source "$(dirname "$0")/env.sh"
