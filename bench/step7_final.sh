@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Step 7's final comparison (docs/RESULTS.md, "Methods on flores-step7"): routed LANDeRMT under the delta rule
-# with the settings chosen on FLORES dev (configs/quick-tuned.yaml) against LoRA r8 at its dev-best learning rate
-# and the untouched base (zero-shot and five-shot prompting), on the first LIMIT FLORES devtest sentences of all
-# 10 directions.
+# with the settings chosen on FLORES dev (configs/quick-tuned.yaml) against LoRA r8 and full finetuning, each at
+# its dev-best learning rate, and the untouched base (zero-shot and five-shot prompting), on the first LIMIT FLORES
+# devtest sentences of all 10 directions.
 #
 # Equal training wall time, same data order: LoRA gets STEPS × 384 / 481 steps, the ratio of the two methods'
 # times for the same 150 steps measured side by side on one idle machine (docs/RESULTS.md, "Devtest check").
 # Fixing the step counts from that ratio keeps the comparison fair however busy the machine is meanwhile.
 #
-#   bash bench/step7_final.sh            # STEPS=600 LIMIT=200 LORA_LR=1e-3 BASELINES=1 (resumable: run it again)
+#   bash bench/step7_final.sh   # STEPS=600 LIMIT=200 LORA_LR=1e-3 FULL_LR=1e-5 BASELINES=1 (resumable: run it again)
 #
 # This CPU translates about 1 devtest sentence/s here, so 100 sentences per direction cost ~22 minutes per row. The
 # 2026-12-02 run used LIMIT=100 and BASELINES=0 to fit its session, the base rows followed on 2026-12-03, and
 # LIMIT=200 on 2026-12-03 translated only sentences 101-200 (a run reuses its stored translations when only
-# eval.limit changed: training/run.py).
+# eval.limit changed: training/run.py). The full row (2026-12-04) is the dev sweep's full-lr1e-5 run, copied to
+# $OUT/full and evaluated (training cached: the same steps, lr, data order and dev-best weights as the line below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -21,6 +22,8 @@ STEPS=${STEPS:-600}
 LIMIT=${LIMIT:-200}
 BASELINES=${BASELINES:-1}
 LORA_LR=${LORA_LR:-1e-3}
+FULL_LR=${FULL_LR:-1e-5}
+FULL_STEPS=${FULL_STEPS:-100}
 ALIGN_STEPS=${ALIGN_STEPS:-18}
 LORA_STEPS=$(( STEPS * 384 / 481 ))
 OUT=${OUT:-runs/step7-final}
@@ -34,7 +37,12 @@ python -m training.run "${common[@]}" --output "$OUT/delta-gradient-factors" \
   --set "train.steps=$(( STEPS - ALIGN_STEPS ))"
 python -m training.run "${common[@]}" --output "$OUT/lora" --method lora --set "train.steps=$LORA_STEPS" \
   --set "train.lr=$LORA_LR"
-rows=("$OUT/lora" "$OUT/delta" "$OUT/delta-gradient-factors")
+# full finetuning at its dev-best learning rate (configs/sweeps/step7.yaml, full-lr*): FULL_STEPS, the dev sweep's
+# 100, is 91 % of the delta's training time (10.4 s a step against the delta preset's 1.9, the same day on one idle
+# machine: STEPS x 1.9 / 10.4 = 110)
+python -m training.run "${common[@]}" --output "$OUT/full" --method full --set "train.steps=$FULL_STEPS" \
+  --set "train.lr=$FULL_LR"
+rows=("$OUT/lora" "$OUT/delta" "$OUT/delta-gradient-factors" "$OUT/full")
 if [ "$BASELINES" = 1 ]; then
   for method in zero_shot few_shot; do
     python -m training.run "${common[@]}" --output "$OUT/$method" --method "$method"
