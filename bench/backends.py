@@ -105,7 +105,7 @@ def main() -> None:
         "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": str(artifact.dtype),
                     "torch": torch.__version__, "vllm": vllm.__version__,
                     "note": args.note},
-        "artifact": str(source.resolve().relative_to(ROOT) if source.resolve().is_relative_to(ROOT) else source),
+        "artifact": os.path.relpath(source.resolve(), ROOT),
         "trained": artifact.ffn is not None or artifact.update is not None,
         "directions": artifact.manifest.directions,
         "max_batch_size": BATCH, "startup_seconds": startup, "load": load,

@@ -4,9 +4,10 @@
 # its dev-best learning rate, the paper's rule (mask) at its dev-chosen settings, and the untouched base (zero-shot
 # and five-shot prompting), on the first LIMIT FLORES devtest sentences of all 10 directions.
 #
-# Equal training wall time, same data order: LoRA gets STEPS × 384 / 481 steps, the ratio of the two methods'
-# times for the same 150 steps measured side by side on one idle machine (docs/RESULTS.md, "Devtest check").
-# Fixing the step counts from that ratio keeps the comparison fair however busy the machine is meanwhile.
+# Equal training wall time, same data order: a method gets STEPS × (the delta's time) / (its time) steps, times
+# for the same steps measured side by side on one idle machine (LoRA: 384 and 481 s for 150 steps, docs/RESULTS.md,
+# "Devtest check"; mask: 1.9 and 1.48 s a step, full finetuning 1.9 and 10.4, 2026-12-04). Fixing the step counts
+# from those ratios keeps the comparison fair however busy the machine is meanwhile.
 #
 #   bash bench/step7_final.sh   # STEPS=600 LIMIT=200 LORA_LR=1e-3 FULL_LR=1e-5 BASELINES=1 (resumable: run it again)
 #
@@ -23,10 +24,12 @@ LIMIT=${LIMIT:-200}
 BASELINES=${BASELINES:-1}
 LORA_LR=${LORA_LR:-1e-3}
 FULL_LR=${FULL_LR:-1e-5}
-FULL_STEPS=${FULL_STEPS:-100}
-MASK_STEPS=$(( STEPS * 190 / 148 ))
 ALIGN_STEPS=${ALIGN_STEPS:-18}
-LORA_STEPS=$(( STEPS * 384 / 481 ))
+equal_time() { echo $(( STEPS * $1 / $2 )); }  # steps for a method taking $2 where the delta takes $1
+LORA_STEPS=$(equal_time 384 481)
+MASK_STEPS=$(equal_time 190 148)
+# full finetuning: the dev sweep's run (configs/sweeps/step7.yaml, full-lr*), 100 steps where equal time is 110
+FULL_STEPS=${FULL_STEPS:-100}
 OUT=${OUT:-runs/step7-final}
 common=(--config configs/quick-tuned.yaml --resume --set "eval.limit=$LIMIT" --set eval.batch_size=32 --set train.eval_every=100)
 
@@ -38,13 +41,9 @@ python -m training.run "${common[@]}" --output "$OUT/delta-gradient-factors" \
   --set "train.steps=$(( STEPS - ALIGN_STEPS ))"
 python -m training.run "${common[@]}" --output "$OUT/lora" --method lora --set "train.steps=$LORA_STEPS" \
   --set "train.lr=$LORA_LR"
-# full finetuning at its dev-best learning rate (configs/sweeps/step7.yaml, full-lr*): FULL_STEPS, the dev sweep's
-# 100, is 91 % of the delta's training time (10.4 s a step against the delta preset's 1.9, the same day on one idle
-# machine: STEPS x 1.9 / 10.4 = 110)
 python -m training.run "${common[@]}" --output "$OUT/full" --method full --set "train.steps=$FULL_STEPS" \
   --set "train.lr=$FULL_LR"
-# the paper's rule at its dev-chosen settings (layers 12-15, car off, eps 0.98, lr 1e-4): 1.48 s a step against the
-# delta preset's 1.9 the same day, so MASK_STEPS = STEPS x 1.9 / 1.48
+# the paper's rule at its dev-chosen settings (layers 12-15, car off from the preset, eps 0.98, lr 1e-4)
 python -m training.run "${common[@]}" --output "$OUT/mask" --set method.routing=mask \
   --set "method.layers=[12,13,14,15]" --set method.update_rank=null --set method.update_factor=random \
   --set method.epsilon=0.98 --set train.lr=1e-4 --set "train.steps=$MASK_STEPS"
