@@ -6,7 +6,8 @@
 #
 # Equal training wall time, same data order: a method gets STEPS × (the delta's time) / (its time) steps, times
 # for the same steps measured side by side on one idle machine (LoRA: 384 and 481 s for 150 steps, docs/RESULTS.md,
-# "Devtest check"; mask: 1.9 and 1.48 s a step, full finetuning 1.9 and 10.4, 2026-12-04). Fixing the step counts
+# "Devtest check"; mask: 1.9 and 1.48 s a step, full finetuning 1.9 and 10.4, 2026-12-04; layers: 1.056× the mask's
+# time, 48.7 against 46.2 s for 30 steps side by side, 2026-12-05). Fixing the step counts
 # from those ratios keeps the comparison fair however busy the machine is meanwhile.
 #
 #   bash bench/step7_final.sh   # STEPS=600 LIMIT=200 LORA_LR=1e-3 FULL_LR=1e-5 BASELINES=1 (resumable: run it again)
@@ -28,6 +29,7 @@ ALIGN_STEPS=${ALIGN_STEPS:-18}
 equal_time() { echo $(( STEPS * $1 / $2 )); }  # steps for a method taking $2 where the delta takes $1
 LORA_STEPS=$(equal_time 384 481)
 MASK_STEPS=$(equal_time 190 148)
+LAYERS_STEPS=$(equal_time 190 156)
 # full finetuning: the dev sweep's run (configs/sweeps/step7.yaml, full-lr*), 100 steps where equal time is 110
 FULL_STEPS=${FULL_STEPS:-100}
 OUT=${OUT:-runs/step7-final}
@@ -47,7 +49,10 @@ python -m training.run "${common[@]}" --output "$OUT/full" --method full --set "
 python -m training.run "${common[@]}" --output "$OUT/mask" --set method.routing=mask \
   --set "method.layers=[12,13,14,15]" --set method.update_rank=null --set method.update_factor=random \
   --set method.epsilon=0.98 --set train.lr=1e-4 --set "train.steps=$MASK_STEPS"
-rows=("$OUT/lora" "$OUT/delta" "$OUT/delta-gradient-factors" "$OUT/full" "$OUT/mask")
+# the unrouted ablation (the paper's Table 2 `layers`): every FFN neuron of the same four layers trains, no routing
+python -m training.run "${common[@]}" --output "$OUT/layers" --method layers --set "method.layers=[12,13,14,15]" \
+  --set method.update_rank=null --set method.update_factor=random --set train.lr=1e-4 --set "train.steps=$LAYERS_STEPS"
+rows=("$OUT/lora" "$OUT/delta" "$OUT/delta-gradient-factors" "$OUT/full" "$OUT/mask" "$OUT/layers")
 if [ "$BASELINES" = 1 ]; then
   for method in zero_shot few_shot; do
     python -m training.run "${common[@]}" --output "$OUT/$method" --method "$method"
