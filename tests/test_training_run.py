@@ -63,9 +63,12 @@ def test_smoke_pipeline_writes_everything_and_caches_stages(tmp_path):
     changed = {key.split(".")[1] for key, value in artifact.update.items() if value.any()}
     assert changed == {str(i) for i in artifact.manifest.layers}  # trained, and only the selected layers
 
+    written = (out / "artifact" / "update.safetensors").stat().st_mtime_ns
     again = run_cli(SMOKE, out)
     log, _ = again.communicate(timeout=300)
-    assert again.returncode == 0 and all(f"{s}: cached" in log for s in ("partition", "finetune", "evaluate"))
+    assert again.returncode == 0 and all(f"{s}: cached" in log
+                                         for s in ("partition", "finetune", "artifact", "evaluate")), log
+    assert (out / "artifact" / "update.safetensors").stat().st_mtime_ns == written  # not written again
 
     # a larger eval.limit translates only the new sentences, and ends as if it had translated them all
     more = smoke_config(tmp_path, eval__limit=6)
@@ -107,6 +110,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     refused = run_cli(config, out)
     log, _ = refused.communicate(timeout=300)
     assert refused.returncode != 0 and "pass --resume" in log
+    other = smoke_config(tmp_path, train__steps=150, train__checkpoint_every=5, train__eval_every=50, train__lr=3e-3)
+    mixed = run_cli(other, out, "--resume")  # another learning rate would continue a run it did not start
+    log, _ = mixed.communicate(timeout=300)
+    assert mixed.returncode != 0 and "written with other settings" in log, log
 
     resumed = run_cli(config, out, "--resume")
     log, _ = resumed.communicate(timeout=600)

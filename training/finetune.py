@@ -136,8 +136,11 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 class Trainer:
     def __init__(self, prepared: Prepared, examples: list[tuple[object, Example]], dev: list[tuple[object, Example]],
-                 pair_id: Callable[[object], int], pad_id: int, config: TrainConfig, output: Path):
+                 pair_id: Callable[[object], int], pad_id: int, config: TrainConfig, output: Path,
+                 fingerprint: str = ""):
+        """`fingerprint` names the run's settings: a checkpoint written under other settings is refused."""
         self.model, self.prepared, self.config, self.output = prepared.model, prepared, config, Path(output)
+        self.fingerprint = fingerprint
         self.examples, self.dev, self.pair_id, self.pad_id = examples, dev, pair_id, pad_id
         self.lengths = [len(e.input_ids) for _, e in examples]
         self.params = {name: p for name, p, _ in prepared.trainable}
@@ -183,7 +186,8 @@ class Trainer:
         optim["__rng__"] = torch.get_rng_state()
         save_file(optim, tmp / "optimizer.safetensors")
         (tmp / "state.json").write_text(json.dumps(
-            {"step": self.step, "best_loss": self.best_loss, "best_step": self.best_step}))
+            {"step": self.step, "best_loss": self.best_loss, "best_step": self.best_step,
+             "fingerprint": self.fingerprint}))
         final = self.output / CHECKPOINT
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -193,6 +197,9 @@ class Trainer:
         if not (folder / "state.json").exists():
             return False
         state = json.loads((folder / "state.json").read_text())
+        if state.get("fingerprint", self.fingerprint) != self.fingerprint:  # absent: written before it was stored
+            raise ValueError(f"{folder}: the checkpoint was written with other settings (method, train or data "
+                             "changed since): train into another --output, or delete the checkpoint to start over")
         trainable = load_file(folder / "trainable.safetensors")
         if set(trainable) != set(self.params):
             raise ValueError(f"{folder}: checkpoint parameters do not match this run's method and layers")

@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
-from landermt.artifact import MANIFEST, ffn_weights, load_artifact, save_artifact, update_weights
+from landermt.artifact import FFN, MANIFEST, UPDATE, ffn_weights, load_artifact, save_artifact, update_weights
 from landermt.build import build
 from landermt.cli import user_errors
 from landermt.data import data_root, training_corpora
@@ -189,12 +189,15 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
         partition = artifact.partition if artifact else None
         trainer = Trainer(prepared, examples, dev,
                           lambda p: partition.pair_id(p.source_lang, p.target_lang) if partition else 0,
-                          tokenizer.pad_token_id, c.train, run.output)
+                          tokenizer.pad_token_id, c.train, run.output, fingerprint=key)
         if (run.output / CHECKPOINT).exists():
             if not resume:
                 raise SystemExit(f"{run.output} holds an unfinished finetuning run: pass --resume to continue it "
                                  "or choose another --output")
-            trainer.load_checkpoint()
+            try:
+                trainer.load_checkpoint()
+            except ValueError as error:  # a checkpoint of other settings or parameters: a clear refusal
+                raise SystemExit(str(error)) from None
             print(f"finetune: resuming at step {trainer.step}", flush=True)
             if run.rank == 0:
                 _truncate_log(run.output / "train_log.jsonl", trainer.step)
@@ -221,13 +224,18 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
     if c.method.name == "lora":  # merged as one would deploy it; PEFT's unmerged generation is ~10x slower here
         return prepared.model.merge_and_unload(), key
     if artifact is not None and prepared.routed and run.rank == 0:  # the artifact serves routed methods only
+        delta = c.method.routing == "delta"
+        if run.cached("artifact", key, f"artifact/{UPDATE if delta else FFN}"):  # written from these weights
+            print("artifact: cached", flush=True)
+            return prepared.model, key
         family, layers = family_of(model), sorted(artifact.partition.layers)
         manifest = dataclasses.replace(artifact.manifest, routing=c.method.routing)
-        if c.method.routing == "delta":
+        if delta:
             update = update_weights([family.ffns(model)[i] for i in layers], layers, attention_updates(model, family))
             save_artifact(run.output / "artifact", manifest, artifact.partition, update=update)
         else:
             save_artifact(run.output / "artifact", manifest, artifact.partition, ffn=ffn_weights(model, family, layers))
+        run.done("artifact", key)
     return prepared.model, key
 
 
