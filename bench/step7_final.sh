@@ -11,6 +11,8 @@
 # from those ratios keeps the comparison fair however busy the machine is meanwhile.
 #
 #   bash bench/step7_final.sh   # STEPS=600 LIMIT=200 LORA_LR=1e-3 FULL_LR=1e-5 BASELINES=1 (resumable: run it again)
+#   STEPS=1200 OUT=runs/step7-1200 TABLE=flores-step7-1200 ROWS="delta-gradient-factors lora" BASELINES=0 \
+#     bash bench/step7_final.sh   # twice the budget, the delta and LoRA rows only
 #
 # This CPU translates about 1 devtest sentence/s here, so 100 sentences per direction cost ~22 minutes per row. The
 # 2026-12-02 run used LIMIT=100 and BASELINES=0 to fit its session, the base rows followed on 2026-12-03, and
@@ -33,30 +35,34 @@ LAYERS_STEPS=$(equal_time 190 156)
 # full finetuning: the dev sweep's run (configs/sweeps/step7.yaml, full-lr*), 100 steps where equal time is 110
 FULL_STEPS=${FULL_STEPS:-100}
 OUT=${OUT:-runs/step7-final}
+TABLE=${TABLE:-flores-step7}
+ROWS=${ROWS:-delta delta-gradient-factors lora full mask layers}  # which rows to train and evaluate (all by default)
 common=(--config configs/quick-tuned.yaml --resume --set "eval.limit=$LIMIT" --set eval.batch_size=32 --set train.eval_every=100)
+rows=()
+row() {  # row NAME ARGS...: train and evaluate one row into $OUT/NAME if ROWS names it
+  local name=$1; shift
+  if [[ " $ROWS " == *" $name "* ]]; then
+    python -m training.run "${common[@]}" --output "$OUT/$name" "$@"
+    rows+=("$OUT/$name")
+  fi
+}
 
 # the delta row as first run (noise factors, lr 1e-4), and the preset since (gradient-aligned factors, lr 3e-5): its
 # alignment (16 batches' gradient, 40-57 s here) counts as ALIGN_STEPS of its training time
-python -m training.run "${common[@]}" --output "$OUT/delta" --set "train.steps=$STEPS" \
-  --set method.update_factor=random --set train.lr=1e-4
-python -m training.run "${common[@]}" --output "$OUT/delta-gradient-factors" \
-  --set "train.steps=$(( STEPS - ALIGN_STEPS ))"
-python -m training.run "${common[@]}" --output "$OUT/lora" --method lora --set "train.steps=$LORA_STEPS" \
-  --set "train.lr=$LORA_LR"
-python -m training.run "${common[@]}" --output "$OUT/full" --method full --set "train.steps=$FULL_STEPS" \
-  --set "train.lr=$FULL_LR"
+row delta --set "train.steps=$STEPS" --set method.update_factor=random --set train.lr=1e-4
+row delta-gradient-factors --set "train.steps=$(( STEPS - ALIGN_STEPS ))"
+row lora --method lora --set "train.steps=$LORA_STEPS" --set "train.lr=$LORA_LR"
+row full --method full --set "train.steps=$FULL_STEPS" --set "train.lr=$FULL_LR"
 # the paper's rule at its dev-chosen settings (layers 12-15, car off from the preset, eps 0.98, lr 1e-4)
-python -m training.run "${common[@]}" --output "$OUT/mask" --set method.routing=mask \
-  --set "method.layers=[12,13,14,15]" --set method.update_rank=null --set method.update_factor=random \
-  --set method.epsilon=0.98 --set train.lr=1e-4 --set "train.steps=$MASK_STEPS"
+row mask --set method.routing=mask --set "method.layers=[12,13,14,15]" --set method.update_rank=null \
+  --set method.update_factor=random --set method.epsilon=0.98 --set train.lr=1e-4 --set "train.steps=$MASK_STEPS"
 # the unrouted ablation (the paper's Table 2 `layers`): every FFN neuron of the same four layers trains, no routing
-python -m training.run "${common[@]}" --output "$OUT/layers" --method layers --set "method.layers=[12,13,14,15]" \
-  --set method.update_rank=null --set method.update_factor=random --set train.lr=1e-4 --set "train.steps=$LAYERS_STEPS"
-rows=("$OUT/lora" "$OUT/delta" "$OUT/delta-gradient-factors" "$OUT/full" "$OUT/mask" "$OUT/layers")
+row layers --method layers --set "method.layers=[12,13,14,15]" --set method.update_rank=null \
+  --set method.update_factor=random --set train.lr=1e-4 --set "train.steps=$LAYERS_STEPS"
 if [ "$BASELINES" = 1 ]; then
   for method in zero_shot few_shot; do
     python -m training.run "${common[@]}" --output "$OUT/$method" --method "$method"
   done
   rows=("$OUT/zero_shot" "$OUT/few_shot" "${rows[@]}")
 fi
-python bench/results_table.py "${rows[@]}" --table flores-step7 --against "$OUT/lora"
+python bench/results_table.py "${rows[@]}" --table "$TABLE" --against "$OUT/lora"
