@@ -126,7 +126,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 @pytest.mark.parametrize("method", ["zero_shot", "few_shot", "full", "lora", "layers", "ls", "lg"])
 def test_every_method_runs_through_the_same_pipeline(tmp_path, method):
-    config = smoke_config(tmp_path, method__name=method, train__steps=4, eval__limit=2)
+    # with the quick-tuned preset's update settings, which the baselines of its tables run with too
+    config = smoke_config(tmp_path, method__name=method, method__update_rank=4, method__update_factor="gradient",
+                          train__steps=4, eval__limit=2)
     run_main(["--config", str(config), "--output", str(tmp_path / method)])
     results = json.loads((tmp_path / method / "eval.json").read_text())
     assert results["method"] == method and len(results["testsets"]["flores"]) == 10

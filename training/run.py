@@ -204,7 +204,7 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
         else:
             if run.rank == 0 and (run.output / "train_log.jsonl").exists():
                 (run.output / "train_log.jsonl").unlink()
-            if ALIGNED_PARTS[c.method.update_factor]:
+            if ALIGNED_PARTS[c.method.update_factor] and prepared.fixed:  # baselines have no factors to align
                 start = time.monotonic()
                 trainer.align_factors(ALIGN_BATCHES, ALIGNED_PARTS[c.method.update_factor])
                 print(f"finetune: factors aligned in {time.monotonic() - start:.1f} s (part of the training time)",
