@@ -7,7 +7,7 @@
 # Equal training wall time, same data order: a method gets STEPS × (the delta's time) / (its time) steps, times
 # for the same steps measured side by side on one idle machine (LoRA: 384 and 481 s for 150 steps, docs/RESULTS.md,
 # "Devtest check"; mask: 1.9 and 1.48 s a step, full finetuning 1.9 and 10.4, 2026-12-04; layers: 1.056× the mask's
-# time, 48.7 against 46.2 s for 30 steps side by side, 2026-12-05). Fixing the step counts
+# time, 48.7 against 46.2 s for 30 steps side by side, 2026-12-05, so 148 x 1.056 = 156). Fixing the step counts
 # from those ratios keeps the comparison fair however busy the machine is meanwhile.
 #
 #   bash bench/step7_final.sh   # STEPS=600 LIMIT=200 LORA_LR=1e-3 FULL_LR=1e-5 BASELINES=1 (resumable: run it again)
