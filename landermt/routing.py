@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import reduce
 from typing import TypeVar
 
 import torch
@@ -205,16 +206,28 @@ class DeltaFFN(nn.Module):
     Δ_i = B_i·P_g(i). A group's P then gets gradient only from rows that use the group, and the guarantees still
     hold (the group is the unit NeuronAdamW moves). The artifact stores the dense Δ (`dense_update`), so serving
     needs neither rank nor factors.
+
+    `rounds` > 1 (fixed factors only): training re-aligns the factors `rounds` − 1 times, as GaLore (Zhao et al.
+    2024) moves its subspace and ReLoRA (Lialin et al. 2023) restarts its adapters: a fixed factor spans the
+    directions the loss wanted when it was set, and after 1,200 steps the down factor held 8 % of the loss
+    gradient's energy, against 85 % at step 0 (docs/RESULTS.md). `retire(k)` moves the trained numbers and their
+    factor into round k's frozen slot (`<module>_earlier`, `<module>_earlier_factor`) and zeroes the numbers, so
+    Δ = Σ_rounds B_k·P_k is unchanged and the model with it; the caller then aligns a new P. Each round's B_k is
+    still the neuron's own numbers, so routing and the guarantees above hold, and the trained count stays r per
+    neuron.
     """
 
     def __init__(self, ffn: nn.Module, family: Family, general: torch.Tensor, specific: torch.Tensor,
-                 uses: torch.Tensor, rank: int | None = None, seed: int = 0, train_factors: bool = False):
+                 uses: torch.Tensor, rank: int | None = None, seed: int = 0, train_factors: bool = False,
+                 rounds: int = 1):
         super().__init__()
         _take_over(self, ffn, family)  # `base`, the unpatched MLP, also serves the rows with id 0
         if uses.dim() != 2 or uses.shape[1] != len(specific) or torch.any(uses[0] != 0):
             raise ValueError("uses must be [pairs + 1, specific neurons] with row 0 all zeros")
         if train_factors and rank is None:
             raise ValueError("train_factors needs a rank")
+        if rounds > 1 and (rank is None or train_factors):
+            raise ValueError("rounds > 1 needs a rank and fixed factors")
         weight = getattr(self, family.up).weight
         self.register_buffer("general", general.to(device=weight.device, dtype=weight.dtype), persistent=False)
         self.register_buffer("specific", specific.to(weight.device), persistent=False)
@@ -243,6 +256,12 @@ class DeltaFFN(nn.Module):
                         self.register_buffer(f"{name}_factor", factor, persistent=False)
                     self.factored.append(name)
                     value = value.new_zeros([value.shape[0], rank] if axis == 0 else [rank, value.shape[1]])
+                    if rounds > 1:  # the earlier rounds' numbers and factors, side by side along the rank
+                        slots = (rounds - 1) * rank
+                        self.register_buffer(f"{name}_earlier", value.new_zeros(
+                            [value.shape[0], slots] if axis == 0 else [slots, value.shape[1]]), persistent=False)
+                        self.register_buffer(f"{name}_earlier_factor", factor.new_zeros(
+                            [1, slots, other] if axis == 0 else [1, other, slots]), persistent=False)
                 self.update[self.key(name, kind)] = nn.Parameter(torch.zeros_like(value), requires_grad=False)
         self._cache: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None  # _cached
 
@@ -250,6 +269,32 @@ class DeltaFFN(nn.Module):
         """{module name: its fixed factor buffer} of `parts` (rank r without train_factors; empty otherwise)."""
         return {name: getattr(self, f"{name}_factor") for name in self.factored
                 if hasattr(self, f"{name}_factor") and self._parts[name] in parts}
+
+    def earlier_rounds(self) -> dict[str, torch.Tensor]:
+        """{"<module>.earlier" | "<module>.earlier_factor": buffer}: the retired rounds (`rounds` > 1; else empty)."""
+        return {f"{name}.{kind}": getattr(self, f"{name}_{kind}") for name in self.factored
+                for kind in ("earlier", "earlier_factor") if hasattr(self, f"{name}_{kind}")}
+
+    @torch.no_grad()
+    def retire(self, round_index: int) -> list[nn.Parameter]:
+        """Move each factored weight's trained numbers and fixed factor into slot `round_index` of the earlier
+        rounds and zero the numbers: Δ, and so the model, stays as it was (up to the rounding of a longer sum).
+        Returns the zeroed parameters (their optimizer state belongs to the retired round)."""
+        zeroed = []
+        for name in self.factored:
+            trained, factor = self.update[self.key(name, "weight")], getattr(self, f"{name}_factor")
+            axis = self.family.neuron_axis(self._parts[name])
+            rank = factor.shape[1 + axis]
+            columns = slice(round_index * rank, (round_index + 1) * rank)
+            if axis == 0:
+                getattr(self, f"{name}_earlier")[:, columns] = trained
+                getattr(self, f"{name}_earlier_factor")[:, columns] = factor
+            else:
+                getattr(self, f"{name}_earlier")[columns] = trained
+                getattr(self, f"{name}_earlier_factor")[..., columns] = factor
+            zeroed.append(trained.zero_())
+        self._cache = None
+        return zeroed
 
     @torch.no_grad()
     def align_factors(self, gradients: dict[str, torch.Tensor]) -> None:
@@ -264,23 +309,29 @@ class DeltaFFN(nn.Module):
         """ParameterDict keys cannot hold dots: "up_proj.weight" is stored as "up_proj:weight"."""
         return f"{module}:{kind}"
 
-    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(first, second) with `name`'s dense update Δ = first·second: each neuron's trained numbers placed in its
-        group's block of r columns (rows for down), the groups' factors stacked along the other side."""
+    def _factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(first, second)] with `name`'s dense update Δ = Σ first·second: each neuron's trained numbers placed in
+        its group's block of r columns (rows for down), the groups' factors stacked along the other side; then, with
+        rounds of factors, the earlier rounds' frozen numbers and factors side by side (a term of their own, so
+        training computes no gradient for them)."""
         trained = self.update[self.key(name, "weight")]
         factor = self.update[self.key(name, "factor")] if self.key(name, "factor") in self.update \
             else getattr(self, f"{name}_factor")
-        if self.family.neuron_axis(self._parts[name]) == 0:  # trained [p, r], factor [groups, r, d]
-            return (self.groups[:, :, None] * trained[:, None, :]).flatten(1), factor.flatten(0, 1)
-        # factor [groups, d, r], trained [r, p]
-        return factor.permute(1, 0, 2).flatten(1), (self.groups.T[:, None, :] * trained[None]).flatten(0, 1)
+        down = self.family.neuron_axis(self._parts[name]) == 1
+        if not down:  # trained [p, r], factor [groups, r, d]
+            terms = [((self.groups[:, :, None] * trained[:, None, :]).flatten(1), factor.flatten(0, 1))]
+        else:  # factor [groups, d, r], trained [r, p]
+            terms = [(factor.permute(1, 0, 2).flatten(1), (self.groups.T[:, None, :] * trained[None]).flatten(0, 1))]
+        if hasattr(self, f"{name}_earlier"):
+            earlier, earlier_factor = getattr(self, f"{name}_earlier"), getattr(self, f"{name}_earlier_factor")[0]
+            terms.append((earlier_factor, earlier) if down else (earlier, earlier_factor))
+        return terms
 
     def _delta(self, name: str) -> torch.Tensor:
-        """The dense update of `name`'s weight: the parameter itself, or the product of its factors."""
+        """The dense update of `name`'s weight: the parameter itself, or the sum of its factors' products."""
         if name not in self.factored:
             return self.update[self.key(name, "weight")]
-        first, second = self._factors(name)
-        return first @ second
+        return reduce(torch.add, (first @ second for first, second in self._factors(name)))
 
     def dense_update(self) -> dict[str, torch.Tensor]:
         """{key: dense Δ} of every updated parameter (what an artifact stores; keys as in `update`)."""
@@ -336,11 +387,11 @@ class DeltaFFN(nn.Module):
         return _matmul(x, weight, self.family.conv1d)
 
     def _factored_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """What `name`'s update adds to its output, x·Δ without forming Δ: two thin matmuls, as LoRA computes."""
-        first, second = self._factors(name)
+        """What `name`'s update adds to its output, x·Δ without forming Δ: two thin matmuls a term, as LoRA
+        computes."""
         if self.family.conv1d:  # weights [in, out]: x·Δ = (x·first)·second
-            return (x @ first) @ second
-        return F.linear(F.linear(x, second), first)  # Δ = first·second [out, in]: x·Δᵀ
+            return reduce(torch.add, ((x @ first) @ second for first, second in self._factors(name)))
+        return reduce(torch.add, (F.linear(F.linear(x, second), first) for first, second in self._factors(name)))
 
     def _routed_factored(self, x: torch.Tensor, uses: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         """Training with a factored update: the base projections plus each neuron's update times its weight for
@@ -473,11 +524,12 @@ def attention_updates(model: nn.Module, family: Family) -> dict[str, AttentionUp
 
 
 def patch_delta(model: nn.Module, family: Family, tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                rank: int | None = None, train_factors: bool = False) -> list[DeltaFFN]:
+                rank: int | None = None, train_factors: bool = False, rounds: int = 1) -> list[DeltaFFN]:
     """Replace the FFN of each layer in `tables` (layer -> landermt.partition.delta_tables' entry) by a DeltaFFN
-    with a zero update (of rank `rank` for training, its random factors seeded by the layer index; DeltaFFN)."""
+    with a zero update (of rank `rank` for training, its random factors seeded by the layer index, in `rounds`
+    rounds of factors; DeltaFFN)."""
     return _replace_ffns(model, family, tables, lambda ffn, table, index: DeltaFFN(
-        ffn, family, *table, rank=rank, seed=index, train_factors=train_factors))
+        ffn, family, *table, rank=rank, seed=index, train_factors=train_factors, rounds=rounds))
 
 
 def patch(model: nn.Module, family: Family, tables: dict[int, torch.Tensor]) -> list[RoutedFFN]:

@@ -13,22 +13,25 @@ from landermt.routing import DeltaFFN, patch_attention, patch_delta, route, unpa
 from tests.test_routing import inputs, logits, random_partition
 
 
-def patched(model, partition, rank: int | None = None, train_factors: bool = False) -> list[DeltaFFN]:
-    return patch_delta(model, family_of(model), delta_tables(partition), rank, train_factors)
+def patched(model, partition, rank: int | None = None, train_factors: bool = False, rounds: int = 1
+            ) -> list[DeltaFFN]:
+    return patch_delta(model, family_of(model), delta_tables(partition), rank, train_factors, rounds)
 
 
-@pytest.fixture(params=[{}, {"rank": 4}, {"rank": 4, "train_factors": True}],
-                ids=["dense", "rank4", "rank4-trained-factors"])
+@pytest.fixture(params=[{}, {"rank": 4}, {"rank": 4, "train_factors": True}, {"rank": 4, "rounds": 3}],
+                ids=["dense", "rank4", "rank4-trained-factors", "rank4-3-rounds"])
 def update(request) -> dict:
-    """How the update is parametrised: dense, factored with fixed factors, factored with trained group factors."""
+    """How the update is parametrised: dense, factored with fixed factors, factored with trained group factors,
+    factored in rounds of fixed factors (the earlier rounds frozen)."""
     return request.param
 
 
 def random_update(modules: list[DeltaFFN], seed: int = 1, scale: float = 0.5) -> None:
+    """Random trained numbers, and random earlier rounds where there are any (they are part of the update)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in modules:
-            for p in module.update.values():
+            for p in [*module.update.values(), *module.earlier_rounds().values()]:
                 p.copy_(torch.randn(p.shape, generator=generator) * scale)
 
 
@@ -157,8 +160,12 @@ def test_a_malformed_uses_table_is_refused(tokenizer, bad):
         patch_delta(model, family_of(model), tables)
 
 
-@pytest.mark.parametrize("train_factors", [False, True], ids=["fixed-factors", "trained-factors"])
-def test_a_factored_update_serves_as_its_dense_update(family_model, tokenizer, train_factors):
+FACTORED = pytest.mark.parametrize("factored", [{}, {"train_factors": True}, {"rounds": 2}],
+                                   ids=["fixed-factors", "trained-factors", "2-rounds"])
+
+
+@FACTORED
+def test_a_factored_update_serves_as_its_dense_update(family_model, tokenizer, factored):
     """Training with rank r, then an artifact's dense update (landermt.artifact.update_weights) loaded into a dense
     DeltaFFN, as serving does: the same outputs for every pair."""
     from landermt.artifact import load_update, update_weights
@@ -166,32 +173,61 @@ def test_a_factored_update_serves_as_its_dense_update(family_model, tokenizer, t
     batch = inputs(tokenizer)
     partition = random_partition(family_model)
     layers = sorted(partition.layers)
-    factored = patched(family_model, partition, 3, train_factors)
-    random_update(factored, scale=0.05)
+    modules = patched(family_model, partition, 3, **factored)
+    random_update(modules, scale=0.05)
     assert all(m.update[f"{m.family.up}:weight"].shape[-1] == 3 or m.update[f"{m.family.up}:weight"].shape[0] == 3
-               for m in factored)
+               for m in modules)
     ids = torch.tensor([partition.pair_id("en", "de"), partition.pair_id("fr", "zh"), 0, 2])
     trained = logits(family_model, batch, ids)
-    dense_update = update_weights(factored, layers)
+    dense_update = update_weights(modules, layers)
     unpatch(family_model, family_of(family_model))
     load_update(patched(family_model, partition), layers, dense_update)
     torch.testing.assert_close(logits(family_model, batch, ids), trained, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("train_factors", [False, True], ids=["fixed-factors", "trained-factors"])
-def test_factored_training_path_equals_the_merged_path(family_model, tokenizer, train_factors):
+@FACTORED
+def test_factored_training_path_equals_the_merged_path(family_model, tokenizer, factored):
     """With grad enabled a factored update is applied to the activations (no dense Δ); without, through merged
     weights: the same logits for a mixed batch, row 0 the base."""
     batch = inputs(tokenizer)
     base = logits(family_model, batch)
     partition = random_partition(family_model)
-    random_update(patched(family_model, partition, 3, train_factors), scale=0.05)
+    random_update(patched(family_model, partition, 3, **factored), scale=0.05)
     ids = torch.tensor([partition.pair_id("en", "de"), 0, partition.pair_id("fr", "zh"), 2])
     merged = logits(family_model, batch, ids)
     with torch.enable_grad(), route(ids):
         activations = family_model(**batch).logits.float().detach()
     torch.testing.assert_close(activations, merged, rtol=1e-4, atol=1e-4)
     assert torch.equal(activations[1], base[1]) and not torch.allclose(activations[0], base[0])
+
+
+def test_retiring_a_round_keeps_the_update_and_frees_the_numbers(family_model, tokenizer):
+    """DeltaFFN.retire (method.factor_rounds): the trained numbers and their factor move into the round's frozen slot,
+    the numbers restart at zero, and the model computes what it did; numbers trained on new factors then add to the
+    retired update, which the next retirement keeps too."""
+    batch = inputs(tokenizer)
+    base = logits(family_model, batch)
+    partition = random_partition(family_model)
+    modules = patched(family_model, partition, 3, rounds=3)
+    ids = torch.tensor([partition.pair_id("en", "de"), 0, partition.pair_id("fr", "zh"), 2])
+    generator = torch.Generator().manual_seed(3)
+    for round_index in range(2):
+        with torch.no_grad():  # this round's numbers, and (after round 1) new factors, as re-aligning sets them
+            for module in modules:
+                for p in [*module.update.values(), *(module.fixed_factors().values() if round_index else [])]:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+        before, dense = logits(family_model, batch, ids), [m.dense_update() for m in modules]
+        assert not torch.allclose(before[0], base[0])
+        for module, update in zip(modules, dense, strict=True):
+            zeroed = module.retire(round_index)
+            assert len(zeroed) == len(module.factored) and all(torch.all(p == 0) for p in zeroed)
+            for key, value in module.dense_update().items():
+                torch.testing.assert_close(value, update[key], rtol=1e-5, atol=1e-6)
+        after = logits(family_model, batch, ids)
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+        assert torch.equal(after[1], base[1])  # row 0: the base model, whatever the rounds hold
+    earlier = modules[0].earlier_rounds()
+    assert earlier and all(value.abs().sum() > 0 for value in earlier.values())
 
 
 def attention_patched(model, partition, rank: int | None = 3):

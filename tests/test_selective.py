@@ -119,11 +119,14 @@ def test_batch_order_and_schedule_are_functions_of_seed_and_step():
     assert lr_at(55, config) == pytest.approx(0.5) and lr_at(99, config) == pytest.approx(1 / 90)
 
 
-@pytest.mark.parametrize("method", [{}, {"update_rank": 2, "update_factor": "gradient"}],
-                         ids=["dense", "gradient-factors"])
+@pytest.mark.parametrize("method", [{}, {"update_rank": 2, "update_factor": "gradient"},
+                                    {"update_rank": 2, "update_factor": "gradient", "factor_rounds": 3}],
+                         ids=["dense", "gradient-factors", "3-rounds"])
 def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path, method):
     """Killed after step 5, resumed from the step-4 checkpoint: the same weights as a straight run. With gradient
-    factors the resumed run does not align again: its factors (noise until aligned) come from the checkpoint."""
+    factors the resumed run does not align again: its factors (noise until aligned) come from the checkpoint. In
+    3 rounds the factors are re-aligned before steps 3 and 5 (after the step-4 checkpoint: the resumed run does it
+    again, identically), and the best weights come with the factors and earlier rounds they were trained on."""
     def make(output, fresh=True):
         model = tiny_model("gemma", len(tokenizer))
         partition = partition_for(model)
@@ -141,7 +144,13 @@ def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path
         return trainer, model
 
     straight, _ = make(tmp_path / "a")
-    want = straight.train(lambda entry: None)
+    log = []
+    want = straight.train(log.append)
+    assert [entry["step"] for entry in log if "realigned_s" in entry] == ([3, 5] if "factor_rounds" in method else [])
+    assert set(straight.prepared.fixed) <= set(want)
+    if "factor_rounds" in method:
+        earlier = [want[name] for name in straight.prepared.fixed if name.endswith(".earlier")]
+        assert earlier and all(t.abs().sum() > 0 for t in earlier)
     first, _ = make(tmp_path / "b")
 
     class Killed(Exception):

@@ -192,6 +192,25 @@ def test_gradient_factors_are_aligned_before_step_1(tmp_path, capsys):
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
+def test_factor_rounds_realign_during_training_and_the_artifact_holds_every_round(tmp_path):
+    """method.factor_rounds 2: the factors are aligned before step 1 and again before step 3 of 4; the trained file
+    keeps the retired round (a cached rerun rebuilds the same artifact from it)."""
+    config = smoke_config(tmp_path, method__update_rank=2, method__update_factor="gradient", method__factor_rounds=2,
+                          train__steps=4, eval__limit=2)
+    out = tmp_path / "rounds"
+    run_main(["--config", str(config), "--output", str(out)])
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if "realigned_s" in entry] == [3]
+    earlier = {k: v for k, v in load_file(out / "trained.safetensors").items() if k.endswith(".earlier")}
+    assert len(earlier) == 3 * len(load_artifact(out / "artifact").manifest.layers)
+    assert all(v.abs().sum() > 0 for v in earlier.values())
+    first = load_artifact(out / "artifact").update
+    (out / "artifact" / "update.safetensors").unlink()  # rebuilt from trained.safetensors alone
+    run_main(["--config", str(config), "--output", str(out)])
+    again = load_artifact(out / "artifact").update
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     """The transfer-matrix setting: only en-de rows train, so under routing only general, en- and
     de-specific neurons move, and every direction is still evaluated."""
@@ -227,6 +246,7 @@ def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     ({"method": {"name": "lora", "attention_rank": 4}}, "method.attention_rank: only for method landermt under"),
     ({"method": {"train_factors": True}}, "method.train_factors: needs method.update_rank"),
     ({"method": {"update_factor": "gradient"}}, "method.update_factor: gradient needs method.update_rank"),
+    ({"method": {"update_rank": 2, "factor_rounds": 2}}, "method.factor_rounds: more than one round needs"),
 ])
 def test_config_errors_name_the_key(tmp_path, body, message):
     path = tmp_path / "bad.yaml"

@@ -106,6 +106,9 @@ class MethodConfig(Strict):
     # weight's loss gradient on the first batches (landermt.routing.aligned_factor; LoRA-GA's choice); "gradient-down":
     # only the down projection's (its output side), up and gate keep noise
     update_factor: Literal["random", "gradient", "gradient-down"] = "random"  # parts aligned: ALIGNED_PARTS
+    # with update_factor gradient: rounds of factors; > 1 re-aligns them (to the loss gradient at the current weights)
+    # factor_rounds - 1 times, evenly over training, keeping the earlier rounds' update frozen (DeltaFFN.retire)
+    factor_rounds: int = Field(1, ge=1)
     # rule delta, method landermt: a language-general update of the routed layers' attention projections too
     # (landermt.routing.AttentionUpdate), factored at this rank; None: attention stays the base model's
     attention_rank: int | None = Field(None, ge=1)
@@ -163,6 +166,8 @@ class RunConfig(Strict):
         if self.method.update_factor != "random" and (self.method.update_rank is None or self.method.train_factors):
             raise ValueError(f"method.update_factor: {self.method.update_factor} needs method.update_rank and fixed "
                              "factors (train_factors false)")
+        if self.method.factor_rounds > 1 and self.method.update_factor != "gradient":
+            raise ValueError("method.factor_rounds: more than one round needs method.update_factor gradient")
         if "en" in self.data.languages:
             raise ValueError("data.languages lists the languages paired with English; drop 'en'")
         unknown = set(self.data.train_directions or []) - set(self.data.directions())

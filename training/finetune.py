@@ -36,7 +36,7 @@ from tqdm import tqdm
 from landermt.loss import target_loss
 from landermt.prompts import IGNORE, Example, collate
 from landermt.routing import DeltaFFN, route
-from training.config import TrainConfig
+from training.config import ALIGN_BATCHES, TrainConfig
 from training.methods import Prepared
 from training.optim import NeuronAdamW
 
@@ -147,10 +147,18 @@ class Trainer:
         self.optimizer = NeuronAdamW([(p, axis) for _, p, axis in prepared.trainable], lr=config.lr,
                                      weight_decay=config.weight_decay)
         self.step, self.best_loss, self.best_step = 0, math.inf, -1
-        self.best = {n: p.detach().clone() for n, p in self.params.items()}
+        self.best = self.snapshot()
+        # method.factor_rounds: re-align the fixed factors before these steps (evenly spaced), round 1, 2, ...
+        rounds = prepared.factor_rounds
+        self.realign_at = [round(k * config.steps / rounds) for k in range(1, rounds)]
         self.rank, self.world_size = world()
         self.forward_model = (DistributedDataParallel(TargetLoss(self.model)) if self.world_size > 1 and self.params
                               else self.model)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the trainable weights and the fixed tensors they are read with (the aligned factors, the
+        earlier rounds): what "the best weights" means once factors are re-aligned during training."""
+        return {n: t.detach().clone() for n, t in (self.params | self.prepared.fixed).items()}
 
     def batch(self, items: list[tuple[object, Example]]) -> Batch:
         pair_ids = torch.tensor([self.pair_id(p) for p, _ in items]) if self.prepared.routed else None
@@ -206,10 +214,10 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(trainable[n])
-        self.best = load_file(folder / "best.safetensors")
         fixed = load_file(folder / "fixed.safetensors") if self.prepared.fixed else {}
         if set(fixed) != set(self.prepared.fixed):
             raise ValueError(f"{folder}: checkpoint fixed factors do not match this run's method and layers")
+        self.best = fixed | load_file(folder / "best.safetensors")  # best lacked the fixed ones before rounds
         with torch.no_grad():
             for n, t in self.prepared.fixed.items():
                 t.copy_(fixed[n])
@@ -222,17 +230,18 @@ class Trainer:
         self.step, self.best_loss, self.best_step = state["step"], state["best_loss"], state["best_step"]
         return True
 
-    def align_factors(self, batches: int, parts: tuple[str, ...]) -> None:
+    def align_factors(self, batches: int, parts: tuple[str, ...], first_batch: int = 0) -> None:
         """method.update_factor "gradient[-down]": the DeltaFFNs' fixed factors of `parts` from their base weights'
-        loss gradient summed over the first `batches` batches of the data order (landermt.routing.aligned_factor);
-        before step 1."""
+        loss gradient (at the current weights) summed over `batches` batches of the data order from `first_batch`
+        (landermt.routing.aligned_factor); before step 1, and at each new round of factors (`realign`)."""
         modules = [m for m in self.model.modules() if isinstance(m, DeltaFFN) and m.fixed_factors(parts)]
         weights = [(m, name, getattr(m, name).weight) for m in modules for name in m.fixed_factors(parts)]
         sums = [torch.zeros_like(w, dtype=torch.float32) for _, _, w in weights]
         for _, _, w in weights:
             w.requires_grad_(True)
         try:
-            for index in tqdm(range(batches), desc="align factors", unit="batch", disable=self.rank != 0):
+            for index in tqdm(range(first_batch, first_batch + batches), desc="align factors", unit="batch",
+                              disable=self.rank != 0, leave=first_batch == 0):
                 rows = rows_of_batch(self.lengths, self.config.batch_size, self.config.seed, index,
                                      self.config.bucket_batches)
                 loss = mean_target_loss(self.model, self.batch([self.examples[r] for r in rows]))
@@ -245,15 +254,30 @@ class Trainer:
             module.align_factors({name: total for (m, name, _), total in zip(weights, sums, strict=True)
                                   if m is module})
 
+    def realign(self, round_index: int) -> None:
+        """Start round `round_index` + 1 of the fixed factors (method.factor_rounds; DeltaFFN.retire): the trained
+        numbers so far join the frozen earlier rounds, restart from zero with fresh optimizer state, and the factors
+        are aligned anew to the loss gradient on the next batches the run will train on (GaLore's choice)."""
+        for module in self.model.modules():
+            if isinstance(module, DeltaFFN) and module.earlier_rounds():
+                for p in module.retire(round_index):
+                    self.optimizer.state.pop(p, None)
+        self.align_factors(ALIGN_BATCHES, ("up", "gate", "down"), first_batch=self.step * self.config.grad_accum)
+
     # --- the loop ----------------------------------------------------------------------------
     def train(self, log: Callable[[dict], None]) -> dict[str, torch.Tensor]:
-        """Run to `config.steps`; returns the best trainable weights (by dev loss)."""
+        """Run to `config.steps`; returns the best weights by dev loss (`snapshot`: with the fixed tensors)."""
         c = self.config
         self.model.train()
         bar = tqdm(total=c.steps, initial=self.step, desc="finetune", unit="step", disable=self.rank != 0)
         start = time.monotonic()
         reset_peak_rss()
         while self.step < c.steps:
+            realigned = None
+            if self.step in self.realign_at:
+                began = time.monotonic()
+                self.realign(self.realign_at.index(self.step))
+                realigned = round(time.monotonic() - began, 1)
             lr = lr_at(self.step, c)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -276,11 +300,13 @@ class Trainer:
             entry = {"step": self.step, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                      "padding_share": round(padding, 4),
                      "seconds": round(time.monotonic() - start, 1), "peak_rss_mib": peak_rss_mib()}
+            if realigned is not None:
+                entry["realigned_s"] = realigned
             if self.dev and (self.step % c.eval_every == 0 or self.step == c.steps):
                 entry["dev_loss"] = round(self.dev_loss(), 5)
                 if entry["dev_loss"] < self.best_loss:
                     self.best_loss, self.best_step = entry["dev_loss"], self.step
-                    self.best = {n: p.detach().clone() for n, p in self.params.items()}
+                    self.best = self.snapshot()
             if self.rank == 0:
                 log(entry)
             bar.update(1)
@@ -289,5 +315,5 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         if not self.dev:
-            self.best = {n: p.detach().clone() for n, p in self.params.items()}
+            self.best = self.snapshot()
         return self.best

@@ -31,6 +31,7 @@ class Prepared:
     # tensors that do not train but a resumed run must get back as they were (name -> the tensor itself): the delta
     # rule's fixed factors, which method.update_factor "gradient[-down]" derives from the data
     fixed: dict[str, torch.Tensor] = field(default_factory=dict)
+    factor_rounds: int = 1  # rounds of fixed factors (method.factor_rounds): the trainer re-aligns between them
 
 
 def _ffn_parameters(model: nn.Module, layers: list[int]) -> list[tuple[str, nn.Parameter, int]]:
@@ -99,10 +100,11 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
         params = _ffn_parameters(model, layers)
     elif method.routing == "delta":
         modules = patch_delta(model, family_of(model), delta_tables(partition), method.update_rank,
-                              method.train_factors)
+                              method.train_factors, method.factor_rounds)
         params = _update_parameters(model, layers, modules)
-        fixed = {f"layers.{i}.update.{name}.factor": factor for i, module in zip(layers, modules, strict=True)
-                 for name, factor in module.fixed_factors().items()}
+        fixed = {f"layers.{i}.update.{key}": tensor for i, module in zip(layers, modules, strict=True)
+                 for key, tensor in ({f"{name}.factor": factor for name, factor in module.fixed_factors().items()}
+                                     | module.earlier_rounds()).items()}
     else:
         params = _ffn_parameters(model, layers)
         patch(model, family_of(model), partition.scale_tables())
@@ -121,4 +123,5 @@ def prepare(model: nn.Module, method: MethodConfig, partition: Partition | None)
             shape[axis] = -1
             mask = keep.view(shape).to(p.dtype)
             p.register_hook(lambda grad, mask=mask: grad * mask)
-    return Prepared(model, params, routed=METHOD_SPECS[name].routed, fixed=fixed)
+    return Prepared(model, params, routed=METHOD_SPECS[name].routed, fixed=fixed,
+                    factor_rounds=method.factor_rounds if fixed else 1)

@@ -63,7 +63,7 @@ def fingerprint(*parts: object) -> str:
 
 # Settings added after runs were made: left out of a fingerprint while at their default, so those runs keep their
 # caches.
-ADDED_LATER = {"train_directions", "attention_rank", "train_factors", "update_factor"}
+ADDED_LATER = {"train_directions", "attention_rank", "train_factors", "update_factor", "factor_rounds"}
 
 
 def settings(section: BaseModel) -> dict:
@@ -213,8 +213,8 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
               f"trainable parameters", flush=True)
         best = trainer.train(run.log)
         if run.rank == 0:
-            # the fixed factors too: a gradient-aligned factor is part of what the trained numbers mean
-            save_file({k: v.contiguous() for k, v in (best | prepared.fixed).items()}, trained_path)
+            # with the fixed factors (Trainer.snapshot): a gradient-aligned factor is part of what the numbers mean
+            save_file({k: v.contiguous() for k, v in best.items()}, trained_path)
             shutil.rmtree(run.output / CHECKPOINT)
         run.done("finetune", key)
     with torch.no_grad():
