@@ -11,8 +11,8 @@
 # from those ratios keeps the comparison fair however busy the machine is meanwhile.
 #
 #   bash bench/step7_final.sh   # STEPS=600 LIMIT=200 LORA_LR=1e-3 FULL_LR=1e-5 BASELINES=1 (resumable: run it again)
-#   STEPS=1200 OUT=runs/step7-1200 TABLE=flores-step7-1200 ROWS="delta-gradient-factors lora" BASELINES=0 \
-#     bash bench/step7_final.sh   # twice the budget, the delta and LoRA rows only
+#   STEPS=1200 OUT=runs/step7-1200 TABLE=flores-step7-1200 ROWS="delta-gradient-factors delta-rounds lora" \
+#     BASELINES=0 bash bench/step7_final.sh   # twice the budget, the delta and LoRA rows only
 #
 # This CPU translates about 1 devtest sentence/s here, so 100 sentences per direction cost ~22 minutes per row. The
 # 2026-12-02 run used LIMIT=100 and BASELINES=0 to fit its session, the base rows followed on 2026-12-03, and
@@ -36,7 +36,7 @@ LAYERS_STEPS=$(equal_time 190 156)
 FULL_STEPS=${FULL_STEPS:-100}
 OUT=${OUT:-runs/step7-final}
 TABLE=${TABLE:-flores-step7}
-ROWS=${ROWS:-delta delta-gradient-factors lora full mask layers}  # which rows to train and evaluate (all by default)
+ROWS=${ROWS:-delta delta-gradient-factors delta-rounds lora full mask layers}  # which rows to train and evaluate (all by default)
 common=(--config configs/quick-tuned.yaml --resume --set "eval.limit=$LIMIT" --set eval.batch_size=32 --set train.eval_every=100)
 rows=()
 row() {  # row NAME ARGS...: train and evaluate one row into $OUT/NAME if ROWS names it
@@ -51,6 +51,13 @@ row() {  # row NAME ARGS...: train and evaluate one row into $OUT/NAME if ROWS n
 # alignment (16 batches' gradient, 40-57 s here) counts as ALIGN_STEPS of its training time
 row delta --set "train.steps=$STEPS" --set method.update_factor=random --set train.lr=1e-4
 row delta-gradient-factors --set "train.steps=$(( STEPS - ALIGN_STEPS ))"
+# rounds of factors (method.factor_rounds, 2026-12-05): ROUNDS alignments, and each step ROUND_COST % of the
+# one-round step's time (4 rounds: 1.03x, 12 interleaved steps of one batch side by side; /tmp timing runs of 40
+# steps disagreed by ±30 % between two identical runs on this VM, too noisy to use)
+ROUNDS=${ROUNDS:-4}
+ROUND_COST=${ROUND_COST:-103}
+row delta-rounds --set "method.factor_rounds=$ROUNDS" \
+  --set "train.steps=$(( (STEPS - ROUNDS * ALIGN_STEPS) * 100 / ROUND_COST ))"
 row lora --method lora --set "train.steps=$LORA_STEPS" --set "train.lr=$LORA_LR"
 row full --method full --set "train.steps=$FULL_STEPS" --set "train.lr=$FULL_LR"
 # the paper's rule at its dev-chosen settings (layers 12-15, car off from the preset, eps 0.98, lr 1e-4)

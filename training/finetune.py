@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +119,22 @@ def rows_of_batch(lengths: list[int], batch_size: int, seed: int, index: int, bu
     batches): epochs of `_epoch_batches` laid end to end; `lengths` are the examples' token counts."""
     per_epoch = max(1, len(lengths) // batch_size)
     return _epoch_batches(tuple(lengths), batch_size, seed, index // per_epoch, bucket)[index % per_epoch]
+
+
+def summed_gradients(model: torch.nn.Module, batches: Iterable[Batch], weights: list[torch.Tensor]
+                     ) -> list[torch.Tensor]:
+    """Each of `weights`' target-loss gradient summed over `batches` (float32), frozen weights included."""
+    sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        for batch in batches:
+            for total, grad in zip(sums, torch.autograd.grad(mean_target_loss(model, batch), weights), strict=True):
+                total += grad
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    return sums
 
 
 def padding_share(tensors: dict[str, torch.Tensor]) -> float:
@@ -236,20 +252,11 @@ class Trainer:
         (landermt.routing.aligned_factor); before step 1, and at each new round of factors (`realign`)."""
         modules = [m for m in self.model.modules() if isinstance(m, DeltaFFN) and m.fixed_factors(parts)]
         weights = [(m, name, getattr(m, name).weight) for m in modules for name in m.fixed_factors(parts)]
-        sums = [torch.zeros_like(w, dtype=torch.float32) for _, _, w in weights]
-        for _, _, w in weights:
-            w.requires_grad_(True)
-        try:
+        stream = (self.batch([self.examples[r] for r in rows_of_batch(
+            self.lengths, self.config.batch_size, self.config.seed, index, self.config.bucket_batches)])
             for index in tqdm(range(first_batch, first_batch + batches), desc="align factors", unit="batch",
-                              disable=self.rank != 0, leave=first_batch == 0):
-                rows = rows_of_batch(self.lengths, self.config.batch_size, self.config.seed, index,
-                                     self.config.bucket_batches)
-                loss = mean_target_loss(self.model, self.batch([self.examples[r] for r in rows]))
-                for total, grad in zip(sums, torch.autograd.grad(loss, [w for _, _, w in weights]), strict=True):
-                    total += grad
-        finally:
-            for _, _, w in weights:
-                w.requires_grad_(False)
+                              disable=self.rank != 0, leave=first_batch == 0))
+        sums = summed_gradients(self.model, stream, [w for _, _, w in weights])
         for module in modules:
             module.align_factors({name: total for (m, name, _), total in zip(weights, sums, strict=True)
                                   if m is module})
