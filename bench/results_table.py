@@ -36,8 +36,8 @@ PRESET_LR = 1.0e-4
 
 def row_name(method: str, config: dict, run: Path) -> str:
     """The method, plus the neuron settings that distinguish runs of it: layers, and for routed methods
-    the CAR mode (rule mask), an attention update, trained factors and a learning rate other than the preset's
-    (rule delta), and ε when it is not the paper's 0.9."""
+    the CAR mode (rule mask), an attention update, trained factors, the factors' kind and rounds and a learning rate
+    other than the preset's (rule delta), and ε when it is not the paper's 0.9."""
     if method not in NEURON_METHODS:
         return method
     partition = json.loads((run / "artifact" / "manifest.json").read_text())
@@ -48,10 +48,10 @@ def row_name(method: str, config: dict, run: Path) -> str:
     epsilon = "" if partition["epsilon"] == PAPER_EPSILON else f", ε {partition['epsilon']}"
     if partition.get("routing", "mask") == "delta":  # the delta rule scales nothing: CAR does not apply
         rank, lr = config["method"].get("attention_rank"), float(config["train"]["lr"])
-        factor = config["method"].get("update_factor", "random")
+        factor, rounds = config["method"].get("update_factor", "random"), config["method"].get("factor_rounds", 1)
         extra = (f", attention r{rank}" if rank else "") + (", trained factors" if config["method"].get(
             "train_factors") else "") + (f", {factor} factors" if factor != "random" else "") + (
-            f", lr {lr:g}" if lr != PRESET_LR else "")
+            f" in {rounds} rounds" if rounds > 1 else "") + (f", lr {lr:g}" if lr != PRESET_LR else "")
         return f"{method} delta (layers {span}{epsilon}{extra})"
     return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
 
@@ -90,6 +90,9 @@ def main() -> None:
         log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] \
             if (run / "train_log.jsonl").exists() else []
         made.append(row_name(result["method"], config, run))
+        if made[-1] in made[:-1]:
+            raise SystemExit(f"{run}: its row would be named {made[-1]!r}, as an earlier run's: row_name tells them "
+                             "apart by the settings it knows, so teach it this one")
         rows[made[-1]] = {
             "bleu": {d: s["bleu"] for d, s in scores.items()},
             "mean_bleu": sum(s["bleu"] for s in scores.values()) / len(scores),
