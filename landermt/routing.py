@@ -303,6 +303,7 @@ class DeltaFFN(nn.Module):
         for name, gradient in gradients.items():
             axis, factor = self.family.neuron_axis(self._parts[name]), getattr(self, f"{name}_factor")
             factor.copy_(aligned_factor(gradient, factor.shape[1 + axis], axis))
+        self._cache = None  # a factor is a buffer: _cached keys on parameters only
 
     @staticmethod
     def key(module: str, kind: str) -> str:
@@ -317,14 +318,14 @@ class DeltaFFN(nn.Module):
         trained = self.update[self.key(name, "weight")]
         factor = self.update[self.key(name, "factor")] if self.key(name, "factor") in self.update \
             else getattr(self, f"{name}_factor")
-        down = self.family.neuron_axis(self._parts[name]) == 1
-        if not down:  # trained [p, r], factor [groups, r, d]
+        columns = self.family.neuron_axis(self._parts[name]) == 1  # a neuron is a column (down; GPT-2's c_fc)
+        if not columns:  # trained [p, r], factor [groups, r, d]
             terms = [((self.groups[:, :, None] * trained[:, None, :]).flatten(1), factor.flatten(0, 1))]
         else:  # factor [groups, d, r], trained [r, p]
             terms = [(factor.permute(1, 0, 2).flatten(1), (self.groups.T[:, None, :] * trained[None]).flatten(0, 1))]
         if hasattr(self, f"{name}_earlier"):
             earlier, earlier_factor = getattr(self, f"{name}_earlier"), getattr(self, f"{name}_earlier_factor")[0]
-            terms.append((earlier_factor, earlier) if down else (earlier, earlier_factor))
+            terms.append((earlier_factor, earlier) if columns else (earlier, earlier_factor))
         return terms
 
     def _delta(self, name: str) -> torch.Tensor:
@@ -389,9 +390,10 @@ class DeltaFFN(nn.Module):
     def _factored_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """What `name`'s update adds to its output, x·Δ without forming Δ: two thin matmuls a term, as LoRA
         computes."""
+        terms = self._factors(name)
         if self.family.conv1d:  # weights [in, out]: x·Δ = (x·first)·second
-            return reduce(torch.add, ((x @ first) @ second for first, second in self._factors(name)))
-        return reduce(torch.add, (F.linear(F.linear(x, second), first) for first, second in self._factors(name)))
+            return reduce(torch.add, ((x @ first) @ second for first, second in terms))
+        return reduce(torch.add, (F.linear(F.linear(x, second), first) for first, second in terms))
 
     def _routed_factored(self, x: torch.Tensor, uses: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         """Training with a factored update: the base projections plus each neuron's update times its weight for
