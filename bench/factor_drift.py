@@ -24,35 +24,28 @@ import torch
 from report import update_section  # bench/report.py, beside this script
 
 from landermt.models import weights_sha256
-from landermt.prompts import collate
 from landermt.routing import DeltaFFN
-from training import data as train_data
 from training.config import ALIGN_BATCHES, load_config
 from training.finetune import Batch, rows_of_batch, summed_gradients
-from training.run import Run, load_base, stage_finetune, stage_partition
+from training.run import Run, finetune_data, load_base, stage_finetune, stage_partition
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("up", "gate", "down")
 
 
-def gradients(model, examples, lengths, config, pair_id, pad_id: int, first: int
-              ) -> dict[tuple[int, str], torch.Tensor]:
+def gradients(model, examples, config, pair_id, pad_id: int, first: int) -> dict[tuple[int, str], torch.Tensor]:
     """{(module index, weight name): the base weight's loss gradient summed over ALIGN_BATCHES batches from `first`}."""
     modules = [m for m in model.modules() if isinstance(m, DeltaFFN)]
     weights = {(i, name): getattr(m, name).weight for i, m in enumerate(modules) for name in m.factored}
-    rows = (rows_of_batch(lengths, config.batch_size, config.seed, index, config.bucket_batches)
-            for index in range(first, first + ALIGN_BATCHES))
-    batches = (Batch(collate([examples[r][1] for r in batch], pad_id),
-                     torch.tensor([pair_id(examples[r][0]) for r in batch])) for batch in rows)
+    lengths = [len(e.input_ids) for _, e in examples]
+    batches = (Batch.of([examples[r] for r in rows_of_batch(lengths, config.batch_size, config.seed, index,
+                                                           config.bucket_batches)], pad_id, pair_id)
+               for index in range(first, first + ALIGN_BATCHES))
     return dict(zip(weights, summed_gradients(model, batches, list(weights.values())), strict=True))
 
 
-def part_of(module: DeltaFFN, name: str) -> str:
-    return next(part for part in PARTS if getattr(module.family, part) == name)
-
-
 def neuron_axis(module: DeltaFFN, name: str) -> int:
-    return module.family.neuron_axis(part_of(module, name))
+    return module.family.neuron_axis(module.parts[name])
 
 
 def shares(module: DeltaFFN, name: str, gradient: torch.Tensor) -> tuple[float, float]:
@@ -81,12 +74,7 @@ def main() -> None:
         sha = weights_sha256(model)
         artifact = stage_partition(run, model, tokenizer, sha)
         model, _ = stage_finetune(run, model, tokenizer, artifact, False, sha)  # cached: the trained weights
-        c = config
-        pairs = train_data.training_pairs(c.data.root, c.data.languages, min_chars=c.data.min_chars,
-                                          max_chars=c.data.max_chars, max_ratio=c.data.max_length_ratio,
-                                          max_per_direction=c.data.max_examples_per_direction, seed=c.train.seed)
-        examples = train_data.encode(tokenizer, pairs, c.data.max_tokens, c.train.seed)
-        lengths = [len(e.input_ids) for _, e in examples]
+        examples, _ = finetune_data(config, tokenizer)  # the run's data order (its trained directions)
 
         def pair_id(pair, partition=artifact.partition) -> int:
             return partition.pair_id(pair.source_lang, pair.target_lang)
@@ -104,11 +92,11 @@ def main() -> None:
                                     1 + axis, 0, factor.shape[1 + axis]))
                         for tensor in [*module.update.values(), *module.earlier_rounds().values()]:
                             tensor.zero_()
-            grads = gradients(model, examples, lengths, c.train, pair_id, tokenizer.pad_token_id, args.first_batch)
+            grads = gradients(model, examples, config.train, pair_id, tokenizer.pad_token_id, args.first_batch)
             measured = {part: [] for part in PARTS}
             for (index, name), gradient in grads.items():
                 module = modules[index]
-                measured[part_of(module, name)].append(shares(module, name, gradient))
+                measured[module.parts[name]].append(shares(module, name, gradient))
             row = {part: {"in_factor": round(sum(a for a, _ in v) / len(v), 3),
                           "top_r": round(sum(b for _, b in v) / len(v), 3)} for part, v in measured.items() if v}
             rows[f"{output} ({state})"] = row

@@ -35,9 +35,9 @@ PRESET_LR = 1.0e-4
 
 
 def row_name(method: str, config: dict, run: Path) -> str:
-    """The method, plus the neuron settings that distinguish runs of it: layers, and for routed methods
-    the CAR mode (rule mask), an attention update, trained factors, the factors' kind and rounds and a learning rate
-    other than the preset's (rule delta), and ε when it is not the paper's 0.9."""
+    """The method, plus the neuron settings that distinguish runs of it: layers, and for routed methods the CAR mode
+    (rule mask), an attention update, trained factors, the factors' kind and rounds (re-warmed or not) and a learning
+    rate other than the preset's (rule delta), and ε when it is not the paper's 0.9."""
     if method not in NEURON_METHODS:
         return method
     partition = json.loads((run / "artifact" / "manifest.json").read_text())
@@ -51,7 +51,8 @@ def row_name(method: str, config: dict, run: Path) -> str:
         factor, rounds = config["method"].get("update_factor", "random"), config["method"].get("factor_rounds", 1)
         extra = (f", attention r{rank}" if rank else "") + (", trained factors" if config["method"].get(
             "train_factors") else "") + (f", {factor} factors" if factor != "random" else "") + (
-            f" in {rounds} rounds" if rounds > 1 else "") + (f", lr {lr:g}" if lr != PRESET_LR else "")
+            f" in {rounds} rounds" if rounds > 1 else "") + (
+            ", re-warmed" if config["train"].get("rewarm_rounds") else "") + (f", lr {lr:g}" if lr != PRESET_LR else "")
         return f"{method} delta (layers {span}{epsilon}{extra})"
     return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
 

@@ -11,7 +11,7 @@
 # from those ratios keeps the comparison fair however busy the machine is meanwhile.
 #
 #   bash bench/step7_final.sh   # STEPS=600 LIMIT=200 LORA_LR=1e-3 FULL_LR=1e-5 BASELINES=1 (resumable: run it again)
-#   STEPS=1200 OUT=runs/step7-1200 TABLE=flores-step7-1200 ROWS="delta-gradient-factors delta-rounds lora" \
+#   STEPS=1200 OUT=runs/step7-1200 TABLE=flores-step7-1200 ROWS="delta-gradient-factors delta-rounds delta-rounds-rewarm lora" \
 #     BASELINES=0 bash bench/step7_final.sh   # twice the budget, the delta and LoRA rows only
 #
 # This CPU translates about 1 devtest sentence/s here, so 100 sentences per direction cost ~22 minutes per row. The
@@ -36,7 +36,7 @@ LAYERS_STEPS=$(equal_time 190 156)
 FULL_STEPS=${FULL_STEPS:-100}
 OUT=${OUT:-runs/step7-final}
 TABLE=${TABLE:-flores-step7}
-ROWS=${ROWS:-delta delta-gradient-factors delta-rounds lora full mask layers}  # which rows to train and evaluate (all by default)
+ROWS=${ROWS:-delta delta-gradient-factors delta-rounds delta-rounds-rewarm lora full mask layers}  # which rows to train and evaluate (all by default)
 common=(--config configs/quick-tuned.yaml --resume --set "eval.limit=$LIMIT" --set eval.batch_size=32 --set train.eval_every=100)
 rows=()
 row() {  # row NAME ARGS...: train and evaluate one row into $OUT/NAME if ROWS names it
@@ -57,6 +57,9 @@ row delta-gradient-factors --set "train.steps=$(( STEPS - ALIGN_STEPS ))"
 ROUNDS=${ROUNDS:-4}
 ROUND_COST=${ROUND_COST:-103}
 row delta-rounds --set "method.factor_rounds=$ROUNDS" \
+  --set "train.steps=$(( (STEPS - ROUNDS * ALIGN_STEPS) * 100 / ROUND_COST ))"
+# the same rounds with the learning rate warmed up again at each (train.rewarm_rounds, ReLoRA's jagged schedule)
+row delta-rounds-rewarm --set "method.factor_rounds=$ROUNDS" --set train.rewarm_rounds=true \
   --set "train.steps=$(( (STEPS - ROUNDS * ALIGN_STEPS) * 100 / ROUND_COST ))"
 row lora --method lora --set "train.steps=$LORA_STEPS" --set "train.lr=$LORA_LR"
 row full --method full --set "train.steps=$FULL_STEPS" --set "train.lr=$FULL_LR"

@@ -44,12 +44,12 @@ from landermt.artifact import load_artifact
 from landermt.generate import greedy
 from landermt.loss import target_loss
 from landermt.models import load_model, resolve_dtype
-from landermt.prompts import DEFAULT_TEMPLATE, IGNORE, collate, render_prompt
+from landermt.prompts import DEFAULT_TEMPLATE, IGNORE, render_prompt
 from landermt.routing import route
 from training import data as train_data
 from training.config import load_config
 from training.evaluate import Sentence, translate_all
-from training.finetune import padding_share, peak_rss_mib, reset_peak_rss, rows_of_batch
+from training.finetune import Batch, padding_share, peak_rss_mib, reset_peak_rss, rows_of_batch
 from training.methods import prepare
 from training.optim import NeuronAdamW
 
@@ -75,10 +75,9 @@ def setup(artifact_dir: str, examples_per_direction: int, dtype: str | None = No
     return config, prepared, tokenizer, partition, examples
 
 
-def batch_of(examples, rows, partition, pad_id):
-    items = [examples[r] for r in rows]
-    pair_ids = torch.tensor([partition.pair_id(p.source_lang, p.target_lang) for p, _ in items])
-    return collate([e for _, e in items], pad_id), pair_ids
+def batch_of(examples, rows, partition, pad_id) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    batch = Batch.of([examples[r] for r in rows], pad_id, lambda p: partition.pair_id(p.source_lang, p.target_lang))
+    return batch.tensors, batch.pair_ids
 
 
 def child_train(variant: str, args) -> dict:

@@ -235,7 +235,8 @@ class DeltaFFN(nn.Module):
         groups = _neuron_groups(specific, uses, len(general)) if train_factors else torch.ones(len(general), 1)
         self.register_buffer("groups", groups.to(weight), persistent=False)  # [p, factor groups], one-hot
         self.update = nn.ParameterDict()
-        self._parts = {getattr(family, part): part for part in ("up", "gate", "down") if getattr(family, part)}
+        # {module name: its part}: "up", "gate" or "down" (the family's names differ: GPT-2's c_fc, ...)
+        self.parts = {getattr(family, part): part for part in ("up", "gate", "down") if getattr(family, part)}
         self.factored: list[str] = []  # rank r: the weights whose update is factored (P: "<name>_factor" or trained)
         generator = torch.Generator().manual_seed(seed)
         for part in ("up", "gate", "down"):
@@ -268,7 +269,7 @@ class DeltaFFN(nn.Module):
     def fixed_factors(self, parts: tuple[str, ...] = ("up", "gate", "down")) -> dict[str, torch.Tensor]:
         """{module name: its fixed factor buffer} of `parts` (rank r without train_factors; empty otherwise)."""
         return {name: getattr(self, f"{name}_factor") for name in self.factored
-                if hasattr(self, f"{name}_factor") and self._parts[name] in parts}
+                if hasattr(self, f"{name}_factor") and self.parts[name] in parts}
 
     def earlier_rounds(self) -> dict[str, torch.Tensor]:
         """{"<module>.earlier" | "<module>.earlier_factor": buffer}: the retired rounds (`rounds` > 1; else empty)."""
@@ -283,7 +284,7 @@ class DeltaFFN(nn.Module):
         zeroed = []
         for name in self.factored:
             trained, factor = self.update[self.key(name, "weight")], getattr(self, f"{name}_factor")
-            axis = self.family.neuron_axis(self._parts[name])
+            axis = self.family.neuron_axis(self.parts[name])
             rank = factor.shape[1 + axis]
             columns = slice(round_index * rank, (round_index + 1) * rank)
             if axis == 0:
@@ -301,7 +302,7 @@ class DeltaFFN(nn.Module):
         """Replace the fixed factor of each module in `gradients` (module name -> its base weight's gradient) by
         aligned_factor of that gradient; the update is still zero, so the model stays the base model."""
         for name, gradient in gradients.items():
-            axis, factor = self.family.neuron_axis(self._parts[name]), getattr(self, f"{name}_factor")
+            axis, factor = self.family.neuron_axis(self.parts[name]), getattr(self, f"{name}_factor")
             factor.copy_(aligned_factor(gradient, factor.shape[1 + axis], axis))
         self._cache = None  # a factor is a buffer: _cached keys on parameters only
 
@@ -318,7 +319,7 @@ class DeltaFFN(nn.Module):
         trained = self.update[self.key(name, "weight")]
         factor = self.update[self.key(name, "factor")] if self.key(name, "factor") in self.update \
             else getattr(self, f"{name}_factor")
-        columns = self.family.neuron_axis(self._parts[name]) == 1  # a neuron is a column (down; GPT-2's c_fc)
+        columns = self.family.neuron_axis(self.parts[name]) == 1  # a neuron is a column (down; GPT-2's c_fc)
         if not columns:  # trained [p, r], factor [groups, r, d]
             terms = [((self.groups[:, :, None] * trained[:, None, :]).flatten(1), factor.flatten(0, 1))]
         else:  # factor [groups, d, r], trained [r, p]

@@ -117,6 +117,9 @@ def test_batch_order_and_schedule_are_functions_of_seed_and_step():
     config = TrainConfig(lr=1.0, steps=100, warmup_ratio=0.1)
     assert lr_at(0, config) == pytest.approx(0.1) and lr_at(9, config) == pytest.approx(1.0)
     assert lr_at(55, config) == pytest.approx(0.5) and lr_at(99, config) == pytest.approx(1 / 90)
+    # a round begun at step 50 (train.rewarm_rounds) warms up again to the decayed schedule
+    assert lr_at(50, config, 50) == pytest.approx(0.1 * 50 / 90) and lr_at(59, config, 50) == pytest.approx(41 / 90)
+    assert lr_at(60, config, 50) == lr_at(60, config)
 
 
 @pytest.mark.parametrize("method", [{}, {"update_rank": 2, "update_factor": "gradient"},
@@ -136,7 +139,9 @@ def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path
         examples = [((s, t), translation_example(tokenizer, DEFAULT_TEMPLATE, s, t, a, b, 64))
                     for lang in ("de", "fr", "zh") for s, t in (("en", lang), (lang, "en"))
                     for a, b in PARALLEL[lang][:3]]
-        config = TrainConfig(lr=1e-3, steps=6, batch_size=4, eval_every=2, checkpoint_every=2)
+        rounds = "factor_rounds" in method  # then with train.rewarm_rounds, and a warmup (3 steps) to see it
+        config = TrainConfig(lr=1e-3, steps=6, batch_size=4, eval_every=2, checkpoint_every=2,
+                             warmup_ratio=0.5 if rounds else 0.05, rewarm_rounds=rounds)
         trainer = Trainer(prepared, examples, examples[:4], lambda st: partition.pair_id(*st),
                           tokenizer.pad_token_id, config, output)
         if fresh and prepared.fixed:
@@ -147,6 +152,9 @@ def test_trainer_checkpoint_round_trip_continues_identically(tokenizer, tmp_path
     log = []
     want = straight.train(log.append)
     assert [entry["step"] for entry in log if "realigned_s" in entry] == ([3, 5] if "factor_rounds" in method else [])
+    if "factor_rounds" in method:  # train.rewarm_rounds: each round's first step is a warmup step again
+        c = straight.config
+        assert [entry["lr"] for entry in log if "realigned_s" in entry] == [lr_at(2, c) / 3, lr_at(4, c) / 3]
     assert set(straight.prepared.fixed) <= set(want)
     if "factor_rounds" in method:
         earlier = [want[name] for name in straight.prepared.fixed if name.endswith(".earlier")]

@@ -247,6 +247,9 @@ def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     ({"method": {"train_factors": True}}, "method.train_factors: needs method.update_rank"),
     ({"method": {"update_factor": "gradient"}}, "method.update_factor: gradient needs method.update_rank"),
     ({"method": {"update_rank": 2, "factor_rounds": 2}}, "method.factor_rounds: more than one round needs"),
+    ({"method": {"update_rank": 2, "update_factor": "gradient", "factor_rounds": 5}, "train": {"steps": 4}},
+     "method.factor_rounds: 5 rounds need at least as many train.steps, got 4"),
+    ({"train": {"rewarm_rounds": True}}, "train.rewarm_rounds: needs method.factor_rounds > 1"),
 ])
 def test_config_errors_name_the_key(tmp_path, body, message):
     path = tmp_path / "bad.yaml"

@@ -134,6 +134,10 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     bucket_batches: int = Field(64, ge=1)  # batches per length-sorted chunk of the data order; 1: no bucketing
+    # with method.factor_rounds > 1: warm the learning rate up again after each re-alignment, over the first
+    # warmup (warmup_ratio·steps) steps of the round (ReLoRA's jagged schedule: each round's numbers start from zero
+    # with fresh optimizer state)
+    rewarm_rounds: bool = False
 
 
 class EvalConfig(Strict):
@@ -168,6 +172,11 @@ class RunConfig(Strict):
                              "factors (train_factors false)")
         if self.method.factor_rounds > 1 and self.method.update_factor != "gradient":
             raise ValueError("method.factor_rounds: more than one round needs method.update_factor gradient")
+        if self.method.factor_rounds > self.train.steps:
+            raise ValueError(f"method.factor_rounds: {self.method.factor_rounds} rounds need at least as many "
+                             f"train.steps, got {self.train.steps}")
+        if self.train.rewarm_rounds and self.method.factor_rounds == 1:
+            raise ValueError("train.rewarm_rounds: needs method.factor_rounds > 1 (it warms up each new round)")
         if "en" in self.data.languages:
             raise ValueError("data.languages lists the languages paired with English; drop 'en'")
         unknown = set(self.data.train_directions or []) - set(self.data.directions())

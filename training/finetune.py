@@ -75,6 +75,13 @@ class Batch:
     tensors: dict[str, torch.Tensor]
     pair_ids: torch.Tensor | None
 
+    @classmethod
+    def of(cls, items: list[tuple[object, Example]], pad_id: int,
+           pair_id: Callable[[object], int] | None = None) -> Batch:
+        """(pair, example) items collated; with `pair_id` (routed methods) each row's pair id."""
+        return cls(collate([e for _, e in items], pad_id),
+                   torch.tensor([pair_id(p) for p, _ in items]) if pair_id else None)
+
 
 class TargetLoss(torch.nn.Module):
     """The target-token loss as a module's forward: DDP must wrap the module whose forward runs the whole
@@ -123,8 +130,11 @@ def rows_of_batch(lengths: list[int], batch_size: int, seed: int, index: int, bu
 
 def summed_gradients(model: torch.nn.Module, batches: Iterable[Batch], weights: list[torch.Tensor]
                      ) -> list[torch.Tensor]:
-    """Each of `weights`' target-loss gradient summed over `batches` (float32), frozen weights included."""
+    """Each of `weights`' target-loss gradient summed over `batches` (float32), frozen weights included; in eval
+    mode (no dropout: the gradient of the model as it translates), the model's mode restored after."""
     sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    training = model.training
+    model.eval()
     for w in weights:
         w.requires_grad_(True)
     try:
@@ -132,6 +142,7 @@ def summed_gradients(model: torch.nn.Module, batches: Iterable[Batch], weights: 
             for total, grad in zip(sums, torch.autograd.grad(mean_target_loss(model, batch), weights), strict=True):
                 total += grad
     finally:
+        model.train(training)
         for w in weights:
             w.requires_grad_(False)
     return sums
@@ -142,12 +153,12 @@ def padding_share(tensors: dict[str, torch.Tensor]) -> float:
     return 1 - tensors["attention_mask"].sum().item() / tensors["attention_mask"].numel()
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup over warmup_ratio·steps, then linear decay to zero."""
+def lr_at(step: int, config: TrainConfig, round_start: int = 0) -> float:
+    """Linear warmup over warmup_ratio·steps, then linear decay to zero; the warmup starts again at `round_start`,
+    the step a later round of factors began (train.rewarm_rounds)."""
     warmup = max(1, math.ceil(config.warmup_ratio * config.steps))
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    return config.lr * max(0.0, (config.steps - step) / max(1, config.steps - warmup))
+    decayed = config.lr * min(1.0, max(0.0, (config.steps - step) / max(1, config.steps - warmup)))
+    return decayed * min(1.0, (step - round_start + 1) / warmup)
 
 
 class Trainer:
@@ -177,8 +188,7 @@ class Trainer:
         return {n: t.detach().clone() for n, t in (self.params | self.prepared.fixed).items()}
 
     def batch(self, items: list[tuple[object, Example]]) -> Batch:
-        pair_ids = torch.tensor([self.pair_id(p) for p, _ in items]) if self.prepared.routed else None
-        return Batch(collate([e for _, e in items], self.pad_id), pair_ids)
+        return Batch.of(items, self.pad_id, self.pair_id if self.prepared.routed else None)
 
     @torch.no_grad()
     def dev_loss(self) -> float:
@@ -285,7 +295,8 @@ class Trainer:
                 began = time.monotonic()
                 self.realign(self.realign_at.index(self.step))
                 realigned = round(time.monotonic() - began, 1)
-            lr = lr_at(self.step, c)
+            round_start = max([0] + [s for s in self.realign_at if s <= self.step]) if c.rewarm_rounds else 0
+            lr = lr_at(self.step, c, round_start)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, padding = 0.0, 0.0

@@ -35,7 +35,7 @@ from landermt.cli import user_errors
 from landermt.data import data_root, training_corpora
 from landermt.families import family_of
 from landermt.models import load_model, resolve_dtype, weights_sha256
-from landermt.prompts import DEFAULT_TEMPLATE, translation_example
+from landermt.prompts import DEFAULT_TEMPLATE, Example, translation_example
 from landermt.routing import attention_updates
 from training import data as train_data
 from training.config import (
@@ -63,7 +63,7 @@ def fingerprint(*parts: object) -> str:
 
 # Settings added after runs were made: left out of a fingerprint while at their default, so those runs keep their
 # caches.
-ADDED_LATER = {"train_directions", "attention_rank", "train_factors", "update_factor", "factor_rounds"}
+ADDED_LATER = {"train_directions", "attention_rank", "train_factors", "update_factor", "factor_rounds", "rewarm_rounds"}
 
 
 def settings(section: BaseModel) -> dict:
@@ -161,6 +161,23 @@ def stage_partition(run: Run, model, tokenizer, base_sha: str):
     return load_artifact(folder)
 
 
+def finetune_data(c: RunConfig, tokenizer) -> tuple[list[tuple[train_data.Pair, Example]],
+                                                      list[tuple[train_data.Pair, Example]]]:
+    """The finetuning examples of the trained directions, in the data order's encoding, and the FLORES dev
+    examples the dev loss is measured on."""
+    pairs = train_data.training_pairs(c.data.root, c.data.languages, min_chars=c.data.min_chars,
+                                      max_chars=c.data.max_chars, max_ratio=c.data.max_length_ratio,
+                                      max_per_direction=c.data.max_examples_per_direction, seed=c.train.seed)
+    trained = c.data.trained_directions()
+    pairs = [p for p in pairs if f"{p.source_lang}-{p.target_lang}" in trained]
+    examples = train_data.encode(tokenizer, pairs, c.data.max_tokens, c.train.seed)
+    dev = [(train_data.Pair(s, t, a, b), translation_example(tokenizer, DEFAULT_TEMPLATE, s, t, a, b,
+                                                              c.data.max_tokens))
+           for d in trained for s, t in [d.split("-")]
+           for a, b in train_data.flores(c.data.root, "dev", s, t)[: c.data.dev_examples_per_direction]]
+    return examples, dev
+
+
 def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream: str):
     """Selective (or baseline) finetuning; returns the prepared model with the best weights loaded."""
     c = run.config
@@ -176,16 +193,7 @@ def stage_finetune(run: Run, model, tokenizer, artifact, resume: bool, upstream:
             raise SystemExit(f"{trained_path} lacks the aligned factors its numbers were trained with (written "
                              "before they were stored): train again into another --output")
     else:
-        pairs = train_data.training_pairs(c.data.root, c.data.languages, min_chars=c.data.min_chars,
-                                          max_chars=c.data.max_chars, max_ratio=c.data.max_length_ratio,
-                                          max_per_direction=c.data.max_examples_per_direction, seed=c.train.seed)
-        trained = c.data.trained_directions()
-        pairs = [p for p in pairs if f"{p.source_lang}-{p.target_lang}" in trained]
-        examples = train_data.encode(tokenizer, pairs, c.data.max_tokens, c.train.seed)
-        dev = [(train_data.Pair(s, t, a, b), translation_example(tokenizer, DEFAULT_TEMPLATE, s, t, a, b,
-                                                                  c.data.max_tokens))
-               for d in trained for s, t in [d.split("-")]
-               for a, b in train_data.flores(c.data.root, "dev", s, t)[: c.data.dev_examples_per_direction]]
+        examples, dev = finetune_data(c, tokenizer)
         partition = artifact.partition if artifact else None
         trainer = Trainer(prepared, examples, dev,
                           lambda p: partition.pair_id(p.source_lang, p.target_lang) if partition else 0,
