@@ -154,11 +154,12 @@ def padding_share(tensors: dict[str, torch.Tensor]) -> float:
 
 
 def lr_at(step: int, config: TrainConfig, round_start: int = 0) -> float:
-    """Linear warmup over warmup_ratio·steps, then linear decay to zero; the warmup starts again at `round_start`,
-    the step a later round of factors began (train.rewarm_rounds)."""
+    """Linear warmup over warmup_ratio·steps, then linear decay to zero; the warmup starts again at `round_start`
+    (≤ step), the step a later round of factors began (train.rewarm_rounds)."""
     warmup = max(1, math.ceil(config.warmup_ratio * config.steps))
     decayed = config.lr * min(1.0, max(0.0, (config.steps - step) / max(1, config.steps - warmup)))
-    return decayed * min(1.0, (step - round_start + 1) / warmup)
+    since = step - round_start + 1
+    return decayed * since / warmup if since < warmup else decayed  # as written before rounds: bit for bit
 
 
 class Trainer:
