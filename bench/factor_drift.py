@@ -26,7 +26,7 @@ from report import update_section  # bench/report.py, beside this script
 from landermt.models import weights_sha256
 from landermt.routing import DeltaFFN
 from training.config import ALIGN_BATCHES, load_config
-from training.finetune import Batch, rows_of_batch, summed_gradients
+from training.finetune import order_batches, summed_gradients
 from training.run import Run, finetune_data, load_base, stage_finetune, stage_partition
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +37,8 @@ def gradients(model, examples, config, pair_id, pad_id: int, first: int) -> dict
     """{(module index, weight name): the base weight's loss gradient summed over ALIGN_BATCHES batches from `first`}."""
     modules = [m for m in model.modules() if isinstance(m, DeltaFFN)]
     weights = {(i, name): getattr(m, name).weight for i, m in enumerate(modules) for name in m.factored}
-    lengths = [len(e.input_ids) for _, e in examples]
-    batches = (Batch.of([examples[r] for r in rows_of_batch(lengths, config.batch_size, config.seed, index,
-                                                           config.bucket_batches)], pad_id, pair_id)
-               for index in range(first, first + ALIGN_BATCHES))
+    batches = order_batches(examples, [len(e.input_ids) for _, e in examples], config, first, ALIGN_BATCHES, pad_id,
+                            pair_id)
     return dict(zip(weights, summed_gradients(model, batches, list(weights.values())), strict=True))
 
 

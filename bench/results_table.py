@@ -47,12 +47,16 @@ def row_name(method: str, config: dict, run: Path) -> str:
         return f"{method} (layers {span})"
     epsilon = "" if partition["epsilon"] == PAPER_EPSILON else f", ε {partition['epsilon']}"
     if partition.get("routing", "mask") == "delta":  # the delta rule scales nothing: CAR does not apply
-        rank, lr = config["method"].get("attention_rank"), float(config["train"]["lr"])
-        factor, rounds = config["method"].get("update_factor", "random"), config["method"].get("factor_rounds", 1)
-        extra = (f", attention r{rank}" if rank else "") + (", trained factors" if config["method"].get(
-            "train_factors") else "") + (f", {factor} factors" if factor != "random" else "") + (
-            f" in {rounds} rounds" if rounds > 1 else "") + (
-            ", re-warmed" if config["train"].get("rewarm_rounds") else "") + (f", lr {lr:g}" if lr != PRESET_LR else "")
+        m, lr = config["method"], float(config["train"]["lr"])
+        rank, factor, rounds = m.get("attention_rank"), m.get("update_factor", "random"), m.get("factor_rounds", 1)
+        extra = "".join([
+            f", attention r{rank}" if rank else "",
+            ", trained factors" if m.get("train_factors") else "",
+            f", {factor} factors" if factor != "random" else "",
+            f" in {rounds} rounds" if rounds > 1 else "",
+            ", re-warmed" if config["train"].get("rewarm_rounds") else "",
+            f", lr {lr:g}" if lr != PRESET_LR else "",
+        ])
         return f"{method} delta (layers {span}{epsilon}{extra})"
     return f"{method} (layers {span}, car {config['method']['car']}{epsilon})"
 

@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +126,15 @@ def rows_of_batch(lengths: list[int], batch_size: int, seed: int, index: int, bu
     batches): epochs of `_epoch_batches` laid end to end; `lengths` are the examples' token counts."""
     per_epoch = max(1, len(lengths) // batch_size)
     return _epoch_batches(tuple(lengths), batch_size, seed, index // per_epoch, bucket)[index % per_epoch]
+
+
+def order_batches(examples: list[tuple[object, Example]], lengths: list[int], config: TrainConfig, first: int,
+                  count: int, pad_id: int, pair_id: Callable[[object], int] | None) -> Iterator[Batch]:
+    """Batches `first` … `first + count - 1` of the data order, every row (not split over ranks): what the factors
+    are aligned on (Trainer.align_factors) and measured on (bench/factor_drift.py)."""
+    for index in range(first, first + count):
+        rows = rows_of_batch(lengths, config.batch_size, config.seed, index, config.bucket_batches)
+        yield Batch.of([examples[r] for r in rows], pad_id, pair_id)
 
 
 def summed_gradients(model: torch.nn.Module, batches: Iterable[Batch], weights: list[torch.Tensor]
@@ -263,10 +272,10 @@ class Trainer:
         (landermt.routing.aligned_factor); before step 1, and at each new round of factors (`realign`)."""
         modules = [m for m in self.model.modules() if isinstance(m, DeltaFFN) and m.fixed_factors(parts)]
         weights = [(m, name, getattr(m, name).weight) for m in modules for name in m.fixed_factors(parts)]
-        stream = (self.batch([self.examples[r] for r in rows_of_batch(
-            self.lengths, self.config.batch_size, self.config.seed, index, self.config.bucket_batches)])
-            for index in tqdm(range(first_batch, first_batch + batches), desc="align factors", unit="batch",
-                              disable=self.rank != 0, leave=first_batch == 0))
+        stream = tqdm(order_batches(self.examples, self.lengths, self.config, first_batch, batches, self.pad_id,
+                                    self.pair_id if self.prepared.routed else None),
+                      total=batches, desc="align factors", unit="batch", disable=self.rank != 0,
+                      leave=first_batch == 0)
         sums = summed_gradients(self.model, stream, [w for _, _, w in weights])
         for module in modules:
             module.align_factors({name: total for (m, name, _), total in zip(weights, sums, strict=True)
