@@ -36,8 +36,8 @@ PRESET_LR = 1.0e-4
 
 def row_name(method: str, config: dict, run: Path) -> str:
     """The method, plus the neuron settings that distinguish runs of it: layers, and for routed methods the CAR mode
-    (rule mask), an attention update, trained factors, the factors' kind and rounds (re-warmed or not) and a learning
-    rate other than the preset's (rule delta), and ε when it is not the paper's 0.9."""
+    (rule mask), per-part update ranks, an attention update, trained factors, the factors' kind and rounds (re-warmed
+    or not) and a learning rate other than the preset's (rule delta), and ε when it is not the paper's 0.9."""
     if method not in NEURON_METHODS:
         return method
     partition = json.loads((run / "artifact" / "manifest.json").read_text())
@@ -49,7 +49,9 @@ def row_name(method: str, config: dict, run: Path) -> str:
     if partition.get("routing", "mask") == "delta":  # the delta rule scales nothing: CAR does not apply
         m, lr = config["method"], float(config["train"]["lr"])
         rank, factor, rounds = m.get("attention_rank"), m.get("update_factor", "random"), m.get("factor_rounds", 1)
+        ranks = m.get("update_rank")
         extra = "".join([
+            f", ranks up/gate/down {ranks['up']}/{ranks['gate']}/{ranks['down']}" if isinstance(ranks, dict) else "",
             f", attention r{rank}" if rank else "",
             ", trained factors" if m.get("train_factors") else "",
             f", {factor} factors" if factor != "random" else "",

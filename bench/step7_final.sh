@@ -58,6 +58,10 @@ ROUNDS=${ROUNDS:-4}
 ROUND_COST=${ROUND_COST:-103}
 ROUND_STEPS=$(( (STEPS - ROUNDS * ALIGN_STEPS) * 100 / ROUND_COST ))
 row delta-rounds --set "method.factor_rounds=$ROUNDS" --set "train.steps=$ROUND_STEPS"
+# the same trained count spread unevenly (2026-12-05): rank 8 for up and gate, 32 for down, whose rank-16 factor held
+# 7 % of the loss gradient after 1,200 steps against 50 % for up and gate (bench/factor_drift.py); the step costs the
+# same (the thin matmuls' widths sum to 48 either way)
+row delta-ranks --set "method.update_rank={up: 8, gate: 8, down: 32}" --set "train.steps=$(( STEPS - ALIGN_STEPS ))"
 # the same rounds with the learning rate warmed up again at each (train.rewarm_rounds, ReLoRA's jagged schedule)
 row delta-rounds-rewarm --set "method.factor_rounds=$ROUNDS" --set train.rewarm_rounds=true --set "train.steps=$ROUND_STEPS"
 row lora --method lora --set "train.steps=$LORA_STEPS" --set "train.lr=$LORA_LR"

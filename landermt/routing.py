@@ -205,7 +205,8 @@ class DeltaFFN(nn.Module):
     group*: the general neurons, and the specific neurons used by exactly the same pairs (one language's), so
     Δ_i = B_i·P_g(i). A group's P then gets gradient only from rows that use the group, and the guarantees still
     hold (the group is the unit NeuronAdamW moves). The artifact stores the dense Δ (`dense_update`), so serving
-    needs neither rank nor factors.
+    needs neither rank nor factors. `rank` may differ per part ({"up": r, "gate": r, "down": r}): the down factor
+    spans the residual directions *every* neuron's update writes to, so it saturates first (bench/factor_drift.py).
 
     `rounds` > 1 (fixed factors only): training re-aligns the factors `rounds` − 1 times, as GaLore (Zhao et al.
     2024) moves its subspace and ReLoRA (Lialin et al. 2023) restarts its adapters: a fixed factor spans the
@@ -218,8 +219,8 @@ class DeltaFFN(nn.Module):
     """
 
     def __init__(self, ffn: nn.Module, family: Family, general: torch.Tensor, specific: torch.Tensor,
-                 uses: torch.Tensor, rank: int | None = None, seed: int = 0, train_factors: bool = False,
-                 rounds: int = 1):
+                 uses: torch.Tensor, rank: int | dict[str, int] | None = None, seed: int = 0,
+                 train_factors: bool = False, rounds: int = 1):
         super().__init__()
         _take_over(self, ffn, family)  # `base`, the unpatched MLP, also serves the rows with id 0
         if uses.dim() != 2 or uses.shape[1] != len(specific) or torch.any(uses[0] != 0):
@@ -245,20 +246,23 @@ class DeltaFFN(nn.Module):
                 continue
             module = getattr(self, name)
             kinds = ("weight", "bias") if part != "down" and module.bias is not None else ("weight",)
+            part_rank = rank.get(part) if isinstance(rank, dict) else rank
+            if isinstance(rank, dict) and part_rank is None:
+                raise ValueError(f"rank names no rank for the {part} projection: {rank}")
             for kind in kinds:
                 value = getattr(module, kind)
-                if rank is not None and kind == "weight":
+                if part_rank is not None and kind == "weight":
                     axis, other = family.neuron_axis(part), value.shape[1 - family.neuron_axis(part)]
-                    shape = [groups.shape[1], rank, other] if axis == 0 else [groups.shape[1], other, rank]
-                    factor = _random_factor(shape, rank, generator, value)
+                    shape = [groups.shape[1], part_rank, other] if axis == 0 else [groups.shape[1], other, part_rank]
+                    factor = _random_factor(shape, part_rank, generator, value)
                     if train_factors:
                         self.update[self.key(name, "factor")] = nn.Parameter(factor, requires_grad=False)
                     else:
                         self.register_buffer(f"{name}_factor", factor, persistent=False)
                     self.factored.append(name)
-                    value = value.new_zeros([value.shape[0], rank] if axis == 0 else [rank, value.shape[1]])
+                    value = value.new_zeros([value.shape[0], part_rank] if axis == 0 else [part_rank, value.shape[1]])
                     if rounds > 1:  # the earlier rounds' numbers and factors, side by side along the rank
-                        slots = (rounds - 1) * rank
+                        slots = (rounds - 1) * part_rank
                         self.register_buffer(f"{name}_earlier", value.new_zeros(
                             [value.shape[0], slots] if axis == 0 else [slots, value.shape[1]]), persistent=False)
                         self.register_buffer(f"{name}_earlier_factor", factor.new_zeros(
@@ -527,7 +531,8 @@ def attention_updates(model: nn.Module, family: Family) -> dict[str, AttentionUp
 
 
 def patch_delta(model: nn.Module, family: Family, tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                rank: int | None = None, train_factors: bool = False, rounds: int = 1) -> list[DeltaFFN]:
+                rank: int | dict[str, int] | None = None, train_factors: bool = False, rounds: int = 1
+                ) -> list[DeltaFFN]:
     """Replace the FFN of each layer in `tables` (layer -> landermt.partition.delta_tables' entry) by a DeltaFFN
     with a zero update (of rank `rank` for training, its random factors seeded by the layer index, in `rounds`
     rounds of factors; DeltaFFN)."""

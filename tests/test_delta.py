@@ -13,16 +13,17 @@ from landermt.routing import DeltaFFN, patch_attention, patch_delta, route, unpa
 from tests.test_routing import inputs, logits, random_partition
 
 
-def patched(model, partition, rank: int | None = None, train_factors: bool = False, rounds: int = 1
+def patched(model, partition, rank: int | dict[str, int] | None = None, train_factors: bool = False, rounds: int = 1
             ) -> list[DeltaFFN]:
     return patch_delta(model, family_of(model), delta_tables(partition), rank, train_factors, rounds)
 
 
-@pytest.fixture(params=[{}, {"rank": 4}, {"rank": 4, "train_factors": True}, {"rank": 4, "rounds": 3}],
-                ids=["dense", "rank4", "rank4-trained-factors", "rank4-3-rounds"])
+@pytest.fixture(params=[{}, {"rank": 4}, {"rank": 4, "train_factors": True}, {"rank": 4, "rounds": 3},
+                        {"rank": {"up": 2, "gate": 3, "down": 5}, "rounds": 2}],
+                ids=["dense", "rank4", "rank4-trained-factors", "rank4-3-rounds", "ranks-per-part-2-rounds"])
 def update(request) -> dict:
     """How the update is parametrised: dense, factored with fixed factors, factored with trained group factors,
-    factored in rounds of fixed factors (the earlier rounds frozen)."""
+    factored in rounds of fixed factors (the earlier rounds frozen), and so with a rank of its own per part."""
     return request.param
 
 

@@ -194,9 +194,10 @@ def test_gradient_factors_are_aligned_before_step_1(tmp_path, capsys):
 
 def test_factor_rounds_realign_during_training_and_the_artifact_holds_every_round(tmp_path):
     """method.factor_rounds 2: the factors are aligned before step 1 and again before step 3 of 4; the trained file
-    keeps the retired round (a cached rerun rebuilds the same artifact from it)."""
-    config = smoke_config(tmp_path, method__update_rank=2, method__update_factor="gradient", method__factor_rounds=2,
-                          train__steps=4, eval__limit=2)
+    keeps the retired round (a cached rerun rebuilds the same artifact from it). Each part at its own rank."""
+    ranks = {"up": 1, "gate": 2, "down": 3}
+    config = smoke_config(tmp_path, method__update_rank=ranks, method__update_factor="gradient",
+                          method__factor_rounds=2, train__steps=4, eval__limit=2)
     out = tmp_path / "rounds"
     run_main(["--config", str(config), "--output", str(out)])
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -204,6 +205,9 @@ def test_factor_rounds_realign_during_training_and_the_artifact_holds_every_roun
     earlier = {k: v for k, v in load_file(out / "trained.safetensors").items() if k.endswith(".earlier")}
     assert len(earlier) == 3 * len(load_artifact(out / "artifact").manifest.layers)
     assert all(v.abs().sum() > 0 for v in earlier.values())
+    for key, numbers in earlier.items():  # [neurons, rank] (up, gate) or [rank, neurons] (down): one round's rank
+        part = next(part for part in ranks if f".{part}_" in key)
+        assert numbers.shape[part != "down"] == ranks[part], (key, numbers.shape)
     first = load_artifact(out / "artifact").update
     (out / "artifact" / "update.safetensors").unlink()  # rebuilt from trained.safetensors alone
     run_main(["--config", str(config), "--output", str(out)])
@@ -244,6 +248,7 @@ def test_train_directions_finetune_one_direction_and_evaluate_all(tmp_path):
     ({"method": {"name": "magic"}}, "method.name: Input should be"),
     ({"data": {"languages": ["en", "de"]}}, "drop 'en'"),
     ({"method": {"name": "lora", "attention_rank": 4}}, "method.attention_rank: only for method landermt under"),
+    ({"method": {"update_rank": {"up": 2, "down": 4}}}, "method.update_rank: name a rank for each of up, gate and"),
     ({"method": {"train_factors": True}}, "method.train_factors: needs method.update_rank"),
     ({"method": {"update_factor": "gradient"}}, "method.update_factor: gradient needs method.update_rank"),
     ({"method": {"update_rank": 2, "factor_rounds": 2}}, "method.factor_rounds: more than one round needs"),

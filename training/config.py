@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from training.data import TESTSETS
 
@@ -97,8 +97,9 @@ class MethodConfig(Strict):
     car: Literal["paper", "swapped", "off"] = "paper"  # rule mask only: the delta rule scales nothing
     routing: Literal["delta", "mask"] = "delta"  # landermt.routing: route the update (delta) or the neuron (mask)
     # rule delta: each neuron's update as `update_rank` trained numbers times a fixed random factor
-    # (landermt.routing.DeltaFFN); None: a dense update
-    update_rank: int | None = Field(None, ge=1)
+    # (landermt.routing.DeltaFFN), one rank for every part or one per part ({up: 8, gate: 8, down: 32}: each of up,
+    # gate and down named); None: a dense update
+    update_rank: PositiveInt | dict[Literal["up", "gate", "down"], PositiveInt] | None = None
     # with update_rank: the second factor trains too, one per neuron group (the general neurons, each language's
     # specific ones), as LoRA's does (landermt.routing.DeltaFFN); False: one fixed random factor per weight
     train_factors: bool = False
@@ -165,6 +166,9 @@ class RunConfig(Strict):
             raise ValueError("method.layers: give distinct non-negative layer indices, or leave it out")
         if self.method.attention_rank is not None and (self.method.name, self.method.routing) != ("landermt", "delta"):
             raise ValueError("method.attention_rank: only for method landermt under routing delta")
+        if isinstance(self.method.update_rank, dict) and len(self.method.update_rank) != 3:
+            raise ValueError(f"method.update_rank: name a rank for each of up, gate and down, or give one number; "
+                             f"got {self.method.update_rank}")
         if self.method.train_factors and self.method.update_rank is None:
             raise ValueError("method.train_factors: needs method.update_rank (the factors' rank)")
         if self.method.update_factor != "random" and (self.method.update_rank is None or self.method.train_factors):
