@@ -206,7 +206,8 @@ class DeltaFFN(nn.Module):
     Δ_i = B_i·P_g(i). A group's P then gets gradient only from rows that use the group, and the guarantees still
     hold (the group is the unit NeuronAdamW moves). The artifact stores the dense Δ (`dense_update`), so serving
     needs neither rank nor factors. `rank` may differ per part ({"up": r, "gate": r, "down": r}): the down factor
-    spans the residual directions *every* neuron's update writes to, so it saturates first (bench/factor_drift.py).
+    spans the residual directions *every* neuron's update writes to and saturates first (bench/factor_drift.py),
+    though giving it 32 of 48 did worse on dev than 16 each (docs/RESULTS.md).
 
     `rounds` > 1 (fixed factors only): training re-aligns the factors `rounds` − 1 times, as GaLore (Zhao et al.
     2024) moves its subspace and ReLoRA (Lialin et al. 2023) restarts its adapters: a fixed factor spans the
