@@ -48,11 +48,11 @@ def row_name(method: str, config: dict, run: Path) -> str:
     epsilon = "" if partition["epsilon"] == PAPER_EPSILON else f", ε {partition['epsilon']}"
     if partition.get("routing", "mask") == "delta":  # the delta rule scales nothing: CAR does not apply
         m, lr = config["method"], float(config["train"]["lr"])
-        rank, factor, rounds = m.get("attention_rank"), m.get("update_factor", "random"), m.get("factor_rounds", 1)
+        attention, factor, rounds = m.get("attention_rank"), m.get("update_factor", "random"), m.get("factor_rounds", 1)
         ranks = m.get("update_rank")
         extra = "".join([
             f", ranks up/gate/down {ranks['up']}/{ranks['gate']}/{ranks['down']}" if isinstance(ranks, dict) else "",
-            f", attention r{rank}" if rank else "",
+            f", attention r{attention}" if attention else "",
             ", trained factors" if m.get("train_factors") else "",
             f", {factor} factors" if factor != "random" else "",
             f" in {rounds} rounds" if rounds > 1 else "",

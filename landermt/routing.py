@@ -240,6 +240,9 @@ class DeltaFFN(nn.Module):
         # {module name: its part}: "up", "gate" or "down" (the family's names differ: GPT-2's c_fc, ...)
         self.parts = {getattr(family, part): part for part in ("up", "gate", "down") if getattr(family, part)}
         self.factored: list[str] = []  # rank r: the weights whose update is factored (P: "<name>_factor" or trained)
+        ranks = rank if isinstance(rank, dict) else dict.fromkeys(self.parts.values(), rank)
+        if missing := set(self.parts.values()) - ranks.keys():
+            raise ValueError(f"rank names no rank for the {', '.join(sorted(missing))} projection: {rank}")
         generator = torch.Generator().manual_seed(seed)
         for part in ("up", "gate", "down"):
             name = getattr(family, part)
@@ -247,9 +250,7 @@ class DeltaFFN(nn.Module):
                 continue
             module = getattr(self, name)
             kinds = ("weight", "bias") if part != "down" and module.bias is not None else ("weight",)
-            part_rank = rank.get(part) if isinstance(rank, dict) else rank
-            if isinstance(rank, dict) and part_rank is None:
-                raise ValueError(f"rank names no rank for the {part} projection: {rank}")
+            part_rank = ranks[part]
             for kind in kinds:
                 value = getattr(module, kind)
                 if part_rank is not None and kind == "weight":
